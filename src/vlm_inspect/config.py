@@ -1,0 +1,416 @@
+"""Typed settings for every verb, read from YAML files and `key=value` overrides.
+
+Each verb takes one dataclass. A field's docstring (the string literal under it) is its
+help text: `vlm-inspect VERB --help` lists them. Validation collects every problem and
+raises one `ConfigError`; the resolved settings are written beside every output.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from vlm_inspect.errors import ConfigError
+
+C = TypeVar("C")
+
+RESOLVED_CONFIG_NAME = "config.yaml"
+
+
+@dataclass
+class PrepareConfig:
+    src: str = ""
+    """Folder of photos: class folders (ok/, ng/, ng/<defect>/...) or an MVTec AD category."""
+    out: str = ""
+    """Dataset folder to create (train.json, val.json, images/, manifest.json)."""
+    val_fraction: float = 0.2
+    """Share of images held out for validation, split per class and defect type."""
+    seed: int = 0
+    """Seed for the split and for the choice of question wording."""
+    language: Literal["en", "zh"] = "en"
+    """Language of questions and answers."""
+    ok_names: list[str] = field(default_factory=list)
+    """Extra folder names that mean OK, besides ok/good/pass/normal."""
+    ng_names: list[str] = field(default_factory=list)
+    """Extra folder names that mean NG, besides ng/bad/defect/defective/fail/anomaly."""
+    from_llava_json: str | None = None
+    """Read an existing LLaVA conversation JSON instead of class folders."""
+    image_folder: str | None = None
+    """With from_llava_json: the folder its `image` paths are relative to."""
+    product: str = "product"
+    """What the photos show, used in questions and answers (e.g. 'box')."""
+    max_image_pixels: int = 100_000_000
+    """Images larger than this many pixels are skipped (decompression-bomb guard)."""
+    overwrite: bool = False
+    """Replace an existing non-empty output folder."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""
+    """Base model folder (llava-hf layout; `vlm-inspect convert` makes one from the original layout)."""
+    data: str = ""
+    """Dataset folder from `vlm-inspect prepare`, or a LLaVA JSON file (images relative to it)."""
+    out: str = ""
+    """Run folder to write: adapter/, checkpoints/, metrics.jsonl, config.yaml."""
+    method: Literal["lora", "qlora", "full"] = "lora"
+    """lora: low-rank adapters; qlora: the same on a 4-bit base (CUDA only); full: all LM weights."""
+    lora_r: int = 128
+    """LoRA rank (LLaVA-1.5 task-LoRA recipe: 128)."""
+    lora_alpha: int = 256
+    """LoRA scaling alpha (recipe: 256)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lr: float = 2e-4
+    """Peak learning rate of the language-model weights being trained."""
+    projector_lr: float = 2e-5
+    """Learning rate of the multimodal projector, which is trained fully."""
+    train_projector: bool = True
+    """Train the vision-to-language projector (LLaVA recipe: yes)."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = 0.03
+    """Share of steps spent warming up; never fewer than needed to keep every step's lr above 0."""
+    epochs: float | None = None
+    """Passes over the data; unset means enough passes to reach min_steps."""
+    min_steps: int = 100
+    """With epochs unset, the least number of optimizer steps a run takes (tiny data needs many)."""
+    batch_size: int | None = None
+    """Samples per device per step; unset picks one that fits the device memory."""
+    grad_accum: int = 1
+    """Steps whose gradients are summed before each optimizer step."""
+    max_length: int = 2048
+    """Most tokens per sample, image tokens included; longer samples are an error, never cut."""
+    image_aspect: Literal["pad", "crop"] = "pad"
+    """pad: LLaVA-1.5's square padding with the mean colour; crop: centre crop."""
+    augment: bool = True
+    """Few-shot augmentation: flips, small rotations, brightness/contrast, mild crops."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations to save memory; unset decides from the device memory."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Compute precision; auto is bf16 on a GPU that has it, fp32 on CPU."""
+    seed: int = 0
+    """Seed for initialisation, shuffling and augmentation."""
+    gpus: str | None = None
+    """GPU ids to use, e.g. '0,2' (instead of CUDA_VISIBLE_DEVICES or --include)."""
+    distributed: Literal["ddp", "zero2", "zero3", "fsdp"] | None = None
+    """Launch one process per GPU through `accelerate launch` with this shipped config."""
+    save_fraction: float = 0.1
+    """Save a checkpoint every this share of the run."""
+    save_total_limit: int = 2
+    """Checkpoints kept; older ones are deleted."""
+    logging_steps: int = 1
+    """Optimizer steps between log lines and metrics.jsonl rows."""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """Extra metric logger; metrics.jsonl is always written."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in out."""
+    overwrite: bool = False
+    """Replace a finished run in out."""
+    num_workers: int = 0
+    """Data-loader worker processes."""
+
+
+@dataclass
+class MergeConfig:
+    model: str = ""
+    """Base model folder the adapter was trained on."""
+    adapter: str = ""
+    """Run folder from `vlm-inspect train` or an adapter folder."""
+    out: str = ""
+    """Folder to write the merged model to."""
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Precision of the saved merged weights."""
+    overwrite: bool = False
+    """Replace an existing output folder."""
+
+
+@dataclass
+class ConvertConfig:
+    out: str = ""
+    """Folder to write."""
+    llava: str | None = None
+    """Original-layout LLaVA folder (e.g. liuhaotian/llava-v1.5-7b)."""
+    vision_tower: str | None = None
+    """CLIP folder (e.g. openai/clip-vit-large-patch14-336), with --llava."""
+    llava_lora: str | None = None
+    """LoRA run folder of the original LLaVA repo."""
+    base: str | None = None
+    """With --llava-lora: the converted llava-hf base folder."""
+    overwrite: bool = False
+    """Replace an existing output folder."""
+
+
+@dataclass
+class PredictConfig:
+    model: str = ""
+    """Model folder (base or merged)."""
+    adapter: str | None = None
+    """Adapter or run folder to apply on top of model."""
+    paths: list[str] = field(default_factory=list)
+    """Images or folders (searched recursively)."""
+    out: str = "predictions.jsonl"
+    """Output file, .jsonl or .csv."""
+    describe: bool = False
+    """Also generate a description of each image."""
+    threshold: float = 0.5
+    """p(NG) at or above which a photo is NG."""
+    batch_size: int = 8
+    """Images per forward pass."""
+    question: str | None = None
+    """Question asked; default is the first training question."""
+    max_new_tokens: int = 64
+    """Longest description, in tokens."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1 ... or auto."""
+    overwrite: bool = False
+    """Replace an existing output file."""
+
+
+@dataclass
+class EvaluateConfig:
+    model: str = ""
+    """Base model folder, or a merged model folder (then give base for the 'before')."""
+    adapter: str | None = None
+    """Adapter or run folder of the tuned model."""
+    base: str | None = None
+    """Base model folder, when model is a merged folder."""
+    data: str = ""
+    """Dataset folder from prepare (its val.json) or a labelled class-folder tree."""
+    out: str = ""
+    """Report folder: results.json, report.html."""
+    questions: str | None = None
+    """Text file, one question per line, asked besides the training questions."""
+    max_escape: float = 0.0
+    """Highest escape rate (NG passed as OK) allowed when picking a threshold."""
+    threshold: float = 0.5
+    """p(NG) at or above which a photo is NG in the main table."""
+    batch_size: int = 8
+    """Images per forward pass."""
+    max_new_tokens: int = 64
+    """Longest answer in the gallery, in tokens."""
+    gallery_size: int = 48
+    """Most images shown with answers in the report."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1 ... or auto."""
+    overwrite: bool = False
+    """Replace an existing report folder."""
+
+
+@dataclass
+class ServeConfig:
+    model: str = ""
+    """Model folder (base or merged)."""
+    adapter: str | None = None
+    """Adapter or run folder to apply on top of model."""
+    host: str = "127.0.0.1"
+    """Address to bind; only this machine can connect unless changed."""
+    port: int = 8000
+    """TCP port."""
+    api_key: str | None = None
+    """When set, every API route needs `Authorization: Bearer KEY`."""
+    threshold: float = 0.5
+    """p(NG) at or above which a photo is NG."""
+    max_batch: int = 8
+    """Most requests gathered into one forward pass."""
+    max_queue: int = 64
+    """Requests waiting beyond this get 503 with Retry-After."""
+    max_upload_mb: float = 20.0
+    """Largest accepted upload."""
+    request_timeout_s: float = 120.0
+    """A request waiting longer than this fails with 504."""
+    max_new_tokens: int = 64
+    """Longest description, in tokens."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1 ... or auto."""
+
+
+@dataclass
+class DemoConfig:
+    out: str = "vlm-inspect-demo"
+    """Folder for the demo's model, data, run and report."""
+    fast: bool = False
+    """Smaller sizes for CI; same code path."""
+    seed: int = 0
+    """Seed for images, model and training."""
+    overwrite: bool = False
+    """Replace an existing demo folder."""
+
+
+# ---------------------------------------------------------------- machinery
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass: the string literal under each field."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def settings_help(cls: type) -> str:
+    """A help block listing every setting with its default and docstring."""
+    docs = field_docs(cls)
+    lines = ["Settings (YAML keys for --config, or key=value overrides):"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {f.name} = {default!r}: {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(name: str, value: Any, tp: Any, problems: list[str]) -> Any:
+    """Convert a YAML or command-line value to the field's type, noting problems."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        for a in inner:
+            sub: list[str] = []
+            out = _coerce(name, value, a, sub)
+            if not sub:
+                return out
+        problems.append(f"{name}: {value!r} is not a {' or '.join(_type_name(a) for a in inner)}")
+        return value
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{name}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            problems.append(f"{name}: {value!r} is not a list")
+            return value
+        return [_coerce(name, v, args[0], problems) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        problems.append(f"{name}: {value!r} is not true or false")
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool):
+            problems.append(f"{name}: {value!r} is not a number")
+            return value
+        try:
+            number = tp(value) if tp is float else int(str(value).replace("_", ""))
+        except (TypeError, ValueError):
+            problems.append(f"{name}: {value!r} is not {'an integer' if tp is int else 'a number'}")
+            return value
+        return number
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            problems.append(f"{name}: {value!r} is not text")
+            return value
+        return str(value)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """`["lr=1e-4", "augment=false"]` → `{"lr": "1e-4", "augment": "false"}`."""
+    out, bad = {}, []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            bad.append(f"{item!r} is not key=value")
+            continue
+        out[key.strip().replace("-", "_")] = value
+    if bad:
+        raise ConfigError(bad)
+    return out
+
+
+def build_config(
+    cls: type[C],
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    **explicit: Any,
+) -> C:
+    """Settings from (lowest first) defaults, a YAML file, key=value overrides, explicit values.
+
+    Explicit values that are None are ignored, so CLI options left unset keep lower layers.
+    Raises ConfigError listing every unknown key and bad value at once.
+    """
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError([f"{path}: no such config file"]) from None
+        except yaml.YAMLError as err:
+            raise ConfigError([f"{path}: not valid YAML ({err})"]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{path}: expected a mapping of settings, got {type(loaded).__name__}"])
+        values.update(loaded)
+    values.update(parse_overrides(overrides or []))
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    return make_config(cls, values, problems)
+
+
+def make_config(cls: type[C], values: dict[str, Any], problems: list[str] | None = None) -> C:
+    """Build and type-check a config from a mapping; raise one ConfigError for all problems."""
+    problems = list(problems or [])
+    types_ = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            problems.append(f"{key}: unknown setting (known: {', '.join(sorted(names))})")
+            continue
+        kwargs[key] = _coerce(key, value, types_[key], problems)
+    if problems:
+        raise ConfigError(problems)
+    return cls(**kwargs)
+
+
+def require(cfg: Any, *names: str) -> list[str]:
+    """Problems for required path-like settings left empty."""
+    return [f"{n}: required" for n in names if not getattr(cfg, n)]
+
+
+def save_config(cfg: Any, folder: str | Path, name: str = RESOLVED_CONFIG_NAME) -> Path:
+    """Write the resolved settings as YAML beside an output, so folders describe themselves."""
+    path = Path(folder) / name
+    data = {"kind": type(cfg).__name__, **dataclasses.asdict(cfg)}
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def load_saved_config(cls: type[C], path: str | Path) -> C:
+    """Read a config written by save_config."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    data.pop("kind", None)
+    return make_config(cls, data)

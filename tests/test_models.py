@@ -1,0 +1,70 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from vlm_inspect.errors import ModelFolderError
+from vlm_inspect.models.load import load_model, load_processor
+from vlm_inspect.models.template import render_prompt
+from vlm_inspect.models.tiny import save_tiny_model
+
+
+def test_tiny_model_round_trips_through_plain_transformers(tiny_model_dir: Path):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is this box OK?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == "USER: <image>\nIs this box OK? ASSISTANT:" == render_prompt("Is this box OK?")
+    inputs = processor(images=Image.new("RGB", (90, 70), (240, 240, 240)), text=prompt, return_tensors="pt")
+    n_image = int((inputs["input_ids"] == model.config.image_token_index).sum())
+    assert n_image == model.config.image_seq_length == 64
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+def test_tiny_model_structure_matches_llava_15(tiny_model_dir: Path):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert config["vision_feature_layer"] == -2 and config["vision_feature_select_strategy"] == "default"
+    assert config["projector_hidden_act"] == "gelu" and config["text_config"]["vocab_size"] % 64 == 0
+    assert sum(f.stat().st_size for f in tiny_model_dir.iterdir()) < 5_000_000
+    tok = AutoProcessor.from_pretrained(tiny_model_dir).tokenizer
+    assert tok.decode(tok("盒子左上角有黑点")["input_ids"], skip_special_tokens=True) == "盒子左上角有黑点"
+
+
+def test_tiny_model_is_deterministic_for_a_seed(tmp_path: Path):
+    a, b, c = (save_tiny_model(tmp_path / n, seed=s) for n, s in [("a", 1), ("b", 1), ("c", 2)])
+    wa, wb, wc = ((p / "model.safetensors").read_bytes() for p in (a, b, c))
+    assert wa == wb and wa != wc
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+
+
+def test_loader_loads_tiny_in_requested_dtype(tiny_model_dir: Path):
+    model = load_model(tiny_model_dir, dtype="bf16", device="cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert load_processor(tiny_model_dir).tokenizer.padding_side == "left"
+
+
+def test_loader_errors_name_the_problem(tmp_path: Path, tiny_model_dir: Path):
+    with pytest.raises(ModelFolderError, match="no such model folder"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelFolderError, match="missing config.json"):
+        load_model(tmp_path / "empty")
+    orig = tmp_path / "llava-v1.5-7b"
+    orig.mkdir()
+    (orig / "config.json").write_text(json.dumps({"model_type": "llava_llama", "mm_vision_tower": "clip"}))
+    with pytest.raises(ModelFolderError, match=r"(?s)original LLaVA layout.*vlm-inspect convert"):
+        load_model(orig)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(ModelFolderError, match=r"missing weights.*tokenizer.*image processor"):
+        load_model(partial)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelFolderError, match="adapter"):
+        load_model(adapter)

@@ -1,9 +1,260 @@
-"""Placeholder until `vlm-inspect predict` is built."""
+"""The `Predictor` behind predict, evaluate and serve, and the `vlm-inspect predict` verb.
 
-from vlm_inspect.config import PredictConfig
-from vlm_inspect.errors import NotBuiltError
+Two modes:
+- score: one forward pass per batch; p(NG) is read from the next-token probabilities of the
+  verdict words right after `ASSISTANT:`. No generation, no text parsing.
+- describe: greedy generation of the answer text.
+
+Run as: vlm-inspect predict --model M [--adapter A] PHOTOS... --out preds.jsonl
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from vlm_inspect.config import PredictConfig, require
+from vlm_inspect.data.dataset import square_image
+from vlm_inspect.errors import ConfigError, DataError, ModelFolderError
+from vlm_inspect.models.template import render_prompt
+
+VERDICTS = ("OK", "NG")
 
 
-def predict(cfg: PredictConfig) -> None:
-    """Not built yet."""
-    raise NotBuiltError("`vlm-inspect predict` is not built yet in this version")
+def default_question(language: str = "en") -> str:
+    """The first training question of the prompt templates: what tuned models were taught."""
+    from vlm_inspect.data.prompts import load_prompts
+
+    return load_prompts(language).verdict_questions[0]
+
+
+class Predictor:
+    """A model loaded once (base, base + adapter, or merged) that scores and describes photos."""
+
+    def __init__(self, model: Any, processor: Any, name: str, has_adapter: bool, image_aspect: str = "pad"):
+        self.model, self.processor, self.name = model, processor, name
+        self.has_adapter, self.image_aspect = has_adapter, image_aspect
+        self.tokenizer = processor.tokenizer
+        self.default_question = default_question()
+        self.verdict_ids = verdict_token_ids(self.tokenizer)
+        self.lock = threading.Lock()  # one user of the weights at a time (serve runs threads)
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path,
+        adapter: str | Path | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> Predictor:
+        """Load weights once; with an adapter, `adapter_disabled()` gives the base on the same weights."""
+        from vlm_inspect.models.adapter import attach_adapter
+        from vlm_inspect.models.load import load_model, load_processor
+
+        processor = load_processor(model)
+        net = load_model(model, dtype=dtype, device=device)
+        name = Path(model).name
+        if adapter is not None:
+            net = attach_adapter(net, adapter)
+            name = f"{name} + {Path(adapter).name}"
+        return cls(net.eval(), processor, name, has_adapter=adapter is not None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @contextlib.contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Inside, the same loaded weights act as the base model (PEFT's disable_adapter)."""
+        if not self.has_adapter:
+            raise ModelFolderError(f"{self.name}: no adapter loaded, so there is no base to switch to")
+        with self.model.disable_adapter():
+            yield
+
+    def _inputs(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        mean = self.processor.image_processor.image_mean
+        squared = [square_image(im.convert("RGB"), mean, self.image_aspect) for im in images]
+        inputs = self.processor(images=squared, text=list(prompts), return_tensors="pt", padding=True)
+        dtype = next(self.model.parameters()).dtype
+        return {k: (v.to(self.device, dtype) if k == "pixel_values" else v.to(self.device)) for k, v in inputs.items()}
+
+    @torch.inference_mode()
+    def score(self, images: Sequence[Image.Image], question: str | None = None, batch_size: int = 8) -> list[float]:
+        """p(NG) per image from one forward pass per batch (only the last position's logits)."""
+        prompt = render_prompt(question or self.default_question)
+        ok_ids, ng_ids = self.verdict_ids
+        out: list[float] = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            with self.lock:
+                inputs = self._inputs(batch, [prompt] * len(batch))
+                logits = self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
+            probs = logits.softmax(-1)
+            p_ok, p_ng = probs[:, ok_ids].sum(-1), probs[:, ng_ids].sum(-1)
+            out.extend((p_ng / (p_ok + p_ng).clamp_min(1e-12)).tolist())
+        return out
+
+    def describe(
+        self,
+        images: Sequence[Image.Image],
+        question: str | None = None,
+        max_new_tokens: int = 64,
+        batch_size: int = 8,
+    ) -> list[str]:
+        """Greedy answers to the question, one per image."""
+        prompt = render_prompt(question or self.default_question)
+        answers: list[str] = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            answers.extend(self.generate(batch, [prompt] * len(batch), max_new_tokens))
+        return answers
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+    ) -> list[str]:
+        """Answers to fully rendered prompts (see models.template.render_prompt)."""
+        with self.lock:
+            inputs = self._inputs(images, prompts)
+            ids = self.model.generate(**inputs, **self._sampling(max_new_tokens, temperature))
+        new = ids[:, inputs["input_ids"].shape[1] :]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def stream(
+        self, image: Image.Image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0
+    ) -> Iterator[str]:
+        """Text pieces of one answer as they are generated."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        inputs = self._inputs([image], [prompt])
+
+        def run() -> None:
+            with self.lock, torch.inference_mode():
+                self.model.generate(**inputs, streamer=streamer, **self._sampling(max_new_tokens, temperature))
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        yield from (piece for piece in streamer if piece)
+        worker.join()
+
+    def _sampling(self, max_new_tokens: int, temperature: float) -> dict[str, Any]:
+        pad = self.tokenizer.pad_token_id
+        if temperature > 0:
+            return {"max_new_tokens": max_new_tokens, "do_sample": True, "temperature": temperature, "pad_token_id": pad}
+        return {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
+
+
+def verdict_token_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """First token of each way an answer can start with OK or NG after `ASSISTANT:`.
+
+    Tokenizers split ' OK' differently (one token, or '▁O'+'K'); the first token that follows
+    the prompt is what the model's next-token distribution ranks, whatever the split.
+    """
+    prefix = tokenizer("ASSISTANT:", add_special_tokens=False)["input_ids"]
+    ids: dict[str, list[int]] = {}
+    for word in VERDICTS:
+        found = set()
+        for variant in (f" {word}", word):
+            full = tokenizer(f"ASSISTANT:{variant}", add_special_tokens=False)["input_ids"]
+            if full[: len(prefix)] == prefix and len(full) > len(prefix):
+                found.add(full[len(prefix)])
+        ids[word] = sorted(found)
+    if not ids["OK"] or not ids["NG"] or set(ids["OK"]) & set(ids["NG"]):
+        raise ModelFolderError(f"the tokenizer cannot tell OK from NG by their first token: {ids}")
+    return ids["OK"], ids["NG"]
+
+
+# ------------------------------------------------------------------ the verb
+
+
+def validate(cfg: PredictConfig) -> None:
+    problems = require(cfg, "model", "paths", "out")
+    if not 0 <= cfg.threshold <= 1:
+        problems.append(f"threshold: {cfg.threshold} is not in [0, 1]")
+    if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
+        problems.append("batch_size and max_new_tokens must be at least 1")
+    if Path(cfg.out).suffix not in (".jsonl", ".csv"):
+        problems.append(f"out: {cfg.out} must end in .jsonl or .csv")
+    if Path(cfg.out).exists() and not cfg.overwrite:
+        problems.append(f"out: {cfg.out} exists; pass --overwrite to replace it")
+    if problems:
+        raise ConfigError(problems)
+
+
+def predict(cfg: PredictConfig) -> Path:
+    """Score (and describe) every image under cfg.paths; one row per image, errors in their row."""
+    from rich.progress import Progress
+
+    from vlm_inspect.data.images import find_images, load_image
+
+    validate(cfg)
+    paths = find_images(cfg.paths)
+    if not paths:
+        raise DataError(f"no images found under {', '.join(cfg.paths)}")
+    predictor = Predictor.load(cfg.model, cfg.adapter, device=cfg.device)
+    rows: list[dict] = []
+    with Progress() as progress:
+        task = progress.add_task("inspecting", total=len(paths))
+        for start in range(0, len(paths), cfg.batch_size):
+            rows.extend(_predict_batch(predictor, paths[start : start + cfg.batch_size], cfg, load_image))
+            progress.advance(task, len(paths[start : start + cfg.batch_size]))
+    out = write_rows(rows, Path(cfg.out))
+    n_ng = sum(r["verdict"] == "NG" for r in rows)
+    n_err = sum(r["verdict"] == "ERROR" for r in rows)
+    print(f"{len(rows)} images: {n_ng} NG, {len(rows) - n_ng - n_err} OK, {n_err} unreadable → {out}")
+    return out
+
+
+def _predict_batch(predictor: Predictor, paths: list[Path], cfg: PredictConfig, load_image: Any) -> list[dict]:
+    images, rows = [], []
+    for path in paths:
+        try:
+            images.append(load_image(path))
+            rows.append({"path": str(path)})
+        except DataError as err:
+            rows.append({"path": str(path), "verdict": "ERROR", "p_ng": None, "error": str(err)})
+    good = [r for r in rows if "error" not in r]
+    if not good:
+        return rows
+    start = time.perf_counter()
+    p_ng = predictor.score(images, cfg.question, batch_size=len(images))
+    answers = predictor.describe(images, cfg.question, cfg.max_new_tokens, len(images)) if cfg.describe else None
+    ms = 1000 * (time.perf_counter() - start) / len(images)
+    for i, row in enumerate(good):
+        row.update(verdict="NG" if p_ng[i] >= cfg.threshold else "OK", p_ng=round(p_ng[i], 6), ms=round(ms, 1))
+        if answers is not None:
+            row["description"] = answers[i]
+    return rows
+
+
+def write_rows(rows: list[dict], out: Path) -> Path:
+    """Rows as JSON lines or CSV, written to a temporary file and renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if out.suffix == ".csv":
+        fields = ["path", "verdict", "p_ng", "description", "ms", "error"]
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+

@@ -1,9 +1,238 @@
-"""Placeholder until `vlm-inspect train` is built."""
+"""`vlm-inspect train`: LoRA, QLoRA or full fine-tuning with the transformers Trainer + PEFT.
 
-from vlm_inspect.config import TrainConfig
-from vlm_inspect.errors import NotBuiltError
+The same code runs on CPU, one GPU, or N processes under `accelerate launch` (shipped
+configs chosen by name with `--distributed`). Tiny data gets a meaningful number of steps
+and never an optimizer step at learning rate 0 (see README: "Training on ten photos").
+
+Run as: vlm-inspect train --model MODEL --data DATASET --out RUN [key=value ...]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from vlm_inspect.config import TrainConfig, require, save_config
+from vlm_inspect.errors import ConfigError, OutputExistsError, VlmInspectError
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+PROJECTOR = "multi_modal_projector"
+CHECKPOINTS = "checkpoints"
+COMPLETE_MARKER = "checkpoint-complete"
+ADAPTER_DIR, FULL_MODEL_DIR = "adapter", "model"
 
 
-def train(cfg: TrainConfig) -> None:
-    """Not built yet."""
-    raise NotBuiltError("`vlm-inspect train` is not built yet in this version")
+def validate(cfg: TrainConfig) -> None:
+    """Raise one ConfigError listing every problem with the settings."""
+    problems = require(cfg, "model", "data", "out")
+    if cfg.lora_r < 1 or cfg.lora_alpha <= 0:
+        problems.append("lora_r and lora_alpha must be positive")
+    if not 0 <= cfg.lora_dropout < 1:
+        problems.append(f"lora_dropout: {cfg.lora_dropout} is not in [0, 1)")
+    if cfg.lr <= 0 or cfg.projector_lr < 0:
+        problems.append("lr must be positive and projector_lr not negative")
+    if not 0 <= cfg.warmup_ratio < 1:
+        problems.append(f"warmup_ratio: {cfg.warmup_ratio} is not in [0, 1)")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        problems.append(f"epochs: {cfg.epochs} must be positive")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        problems.append(f"batch_size: {cfg.batch_size} must be at least 1")
+    if cfg.grad_accum < 1 or cfg.min_steps < 1 or cfg.max_length < 16:
+        problems.append("grad_accum and min_steps must be at least 1, max_length at least 16")
+    if not 0 < cfg.save_fraction <= 1:
+        problems.append(f"save_fraction: {cfg.save_fraction} is not in (0, 1]")
+    if cfg.gpus is not None and not all(g.strip().isdigit() for g in cfg.gpus.split(",")):
+        problems.append(f"gpus: {cfg.gpus!r} is not a comma-separated list of GPU ids like 0,2")
+    if cfg.resume and cfg.overwrite:
+        problems.append("resume and overwrite contradict each other; pick one")
+    if problems:
+        raise ConfigError(problems)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Fine-tune and write RUN/ (adapter/ or model/, config.yaml, metrics.jsonl, checkpoints/).
+
+    Returns:
+        The run folder.
+    """
+    validate(cfg)
+    run = Path(cfg.out)
+    if cfg.distributed and "LOCAL_RANK" not in os.environ:
+        prepare_run_folder(cfg, run)
+        return launch_distributed(cfg, run)
+    if "LOCAL_RANK" not in os.environ:
+        prepare_run_folder(cfg, run)
+    select_gpus(cfg.gpus)
+    return _train_in_process(cfg, run)
+
+
+def prepare_run_folder(cfg: TrainConfig, run: Path) -> None:
+    """Refuse to clobber a finished or interrupted run unless told; write the resolved config."""
+    finished = (run / ADAPTER_DIR).exists() or (run / FULL_MODEL_DIR).exists()
+    started = run.exists() and any(run.iterdir())
+    if started and cfg.overwrite:
+        shutil.rmtree(run)
+    elif finished and not cfg.overwrite:
+        raise OutputExistsError(f"{run}: holds a finished run; pass --overwrite to replace it or pick another --out")
+    elif started and not cfg.resume and (run / CHECKPOINTS).exists():
+        raise OutputExistsError(f"{run}: holds an unfinished run; pass --resume to continue it or --overwrite")
+    elif started and not cfg.resume and not (run / "config.yaml").exists():
+        raise OutputExistsError(f"{run}: exists and is not empty; pick another --out or pass --overwrite")
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run)
+
+
+def select_gpus(gpus: str | None) -> None:
+    """Make only the chosen GPUs visible; must run before CUDA starts in this process."""
+    if gpus is None or "LOCAL_RANK" in os.environ:
+        return  # under accelerate launch the launcher already set the visible devices
+    import torch
+
+    if torch.cuda.is_initialized():
+        raise VlmInspectError("gpus must be chosen before CUDA starts; call train() in a fresh process")
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+
+
+def accelerate_config_path(name: str) -> Path:
+    """The shipped accelerate config for ddp, zero2, zero3 or fsdp."""
+    return Path(str(resources.files("vlm_inspect") / "configs" / "accelerate" / f"{name}.yaml"))
+
+
+def launch_distributed(cfg: TrainConfig, run: Path) -> Path:
+    """Run this same training code in N processes through `accelerate launch`."""
+    import torch
+
+    gpu_ids = cfg.gpus.split(",") if cfg.gpus else [str(i) for i in range(torch.cuda.device_count())]
+    cuda = torch.cuda.is_available()
+    processes = len(gpu_ids) if cuda else int(os.environ.get("VLM_INSPECT_CPU_PROCESSES", "2"))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config_path(cfg.distributed))]
+    cmd += ["--num_processes", str(processes), "--main_process_port", str(_free_port())]
+    cmd += ["--gpu_ids", ",".join(gpu_ids)] if cuda else ["--cpu"]
+    cmd += ["-m", "vlm_inspect.train", str(run / "config.yaml")]
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled" if cfg.report_to != "wandb" else "")}
+    result = subprocess.run(cmd, env=env, check=False)
+    if result.returncode != 0:
+        raise VlmInspectError(f"distributed training failed (exit {result.returncode}); see the log above")
+    return run
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ in-process training
+
+
+@dataclass
+class Plan:
+    samples: int
+    world_size: int
+    batch_size: int
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: float
+    warmup_steps: int
+    save_steps: int
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+
+def make_plan(cfg: TrainConfig, samples: int, world_size: int, batch_size: int) -> Plan:
+    """Steps, epochs and warmup: with epochs unset, enough passes to reach min_steps."""
+    steps_per_epoch = max(1, math.ceil(samples / (batch_size * world_size)) // cfg.grad_accum)
+    if cfg.epochs is None:
+        total = max(cfg.min_steps, steps_per_epoch)
+        epochs = total / steps_per_epoch
+    else:
+        total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        epochs = cfg.epochs
+    warmup = math.ceil(cfg.warmup_ratio * total) if cfg.warmup_ratio > 0 else 0
+    save_steps = max(1, math.ceil(cfg.save_fraction * total))
+    return Plan(samples, world_size, batch_size, cfg.grad_accum, steps_per_epoch, total, epochs, warmup, save_steps)
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Learning-rate multiplier. Warmup starts above 0, so no optimizer step is wasted at lr 0."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return 1.0 - progress
+    return 1.0
+
+
+def _train_in_process(cfg: TrainConfig, run: Path) -> Path:
+    from accelerate import PartialState
+
+    from vlm_inspect.data.dataset import Collator, load_training_dataset
+    from vlm_inspect.models.load import load_processor, resolve_dtype
+    from vlm_inspect.trainer import (
+        build_model,
+        build_trainer,
+        choose_batch_size,
+        latest_complete_checkpoint,
+        print_plan,
+        save_final,
+    )
+
+    state = PartialState()
+    device = state.device
+    dtype = resolve_dtype(cfg.precision, device)
+    processor = load_processor(cfg.model)
+    model, trainable = build_model(cfg, dtype, device)
+    dataset = load_training_dataset(
+        cfg.data,
+        processor,
+        model.config.image_seq_length,
+        max_length=cfg.max_length,
+        image_aspect=cfg.image_aspect,
+        augment=cfg.augment,
+        seed=cfg.seed,
+    )
+    batch_size, checkpointing = choose_batch_size(cfg, model, dataset, device)
+    plan = make_plan(cfg, len(dataset), state.num_processes, batch_size)
+    if state.is_main_process:
+        print_plan(cfg, plan, trainable, model, device, dtype, checkpointing)
+    resume_from = latest_complete_checkpoint(run) if cfg.resume else None
+    trainer = build_trainer(
+        cfg, run, model, dataset, Collator(processor.tokenizer.pad_token_id), plan, dtype, checkpointing, resume_from
+    )
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    save_final(cfg, run, trainer, processor)  # every process: DeepSpeed gathers weights to save
+    state.wait_for_everyone()
+    return run
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry of each process under `accelerate launch`: read the resolved config and train."""
+    from vlm_inspect.config import load_saved_config
+
+    args = argv if argv is not None else sys.argv[1:]
+    cfg = load_saved_config(TrainConfig, args[0])
+    cfg.resume = cfg.resume or bool(json.loads(os.environ.get("VLM_INSPECT_RESUME", "false")))
+    try:
+        select_gpus(None)
+        _train_in_process(cfg, Path(cfg.out))
+    except VlmInspectError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

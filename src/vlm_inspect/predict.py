@@ -31,21 +31,47 @@ from vlm_inspect.models.template import render_prompt
 VERDICTS = ("OK", "NG")
 
 
-def default_question(language: str = "en") -> str:
+def run_settings(adapter: str | Path | None) -> dict[str, Any]:
+    """Language, product word and image aspect a run was trained with (defaults without a run)."""
+    import yaml
+
+    settings: dict[str, Any] = {"language": "en", "product": None, "image_aspect": "pad"}
+    run_config = Path(adapter or "", "config.yaml") if adapter else None
+    if run_config is None or not run_config.exists():
+        return settings
+    train_cfg = yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}
+    settings["image_aspect"] = train_cfg.get("image_aspect", "pad")
+    manifest = Path(str(train_cfg.get("data", "")), "manifest.json")
+    if manifest.is_file():
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        settings["language"] = data.get("language", "en")
+        settings["product"] = data.get("product")
+    return settings
+
+
+def default_question(language: str = "en", product: str | None = None) -> str:
     """The first training question of the prompt templates: what tuned models were taught."""
     from vlm_inspect.data.prompts import load_prompts
 
-    return load_prompts(language).verdict_questions[0]
+    return load_prompts(language).default_question(product)
 
 
 class Predictor:
     """A model loaded once (base, base + adapter, or merged) that scores and describes photos."""
 
-    def __init__(self, model: Any, processor: Any, name: str, has_adapter: bool, image_aspect: str = "pad"):
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        name: str,
+        has_adapter: bool,
+        image_aspect: str = "pad",
+        question: str | None = None,
+    ):
         self.model, self.processor, self.name = model, processor, name
         self.has_adapter, self.image_aspect = has_adapter, image_aspect
         self.tokenizer = processor.tokenizer
-        self.default_question = default_question()
+        self.default_question = question or default_question()
         self.verdict_ids = verdict_token_ids(self.tokenizer)
         self.lock = threading.Lock()  # one user of the weights at a time (serve runs threads)
 
@@ -67,7 +93,9 @@ class Predictor:
         if adapter is not None:
             net = attach_adapter(net, adapter)
             name = f"{name} + {Path(adapter).name}"
-        return cls(net.eval(), processor, name, has_adapter=adapter is not None)
+        settings = run_settings(adapter)
+        question = default_question(settings["language"], settings["product"])
+        return cls(net.eval(), processor, name, adapter is not None, settings["image_aspect"], question)
 
     @property
     def device(self) -> torch.device:
@@ -155,7 +183,12 @@ class Predictor:
     def _sampling(self, max_new_tokens: int, temperature: float) -> dict[str, Any]:
         pad = self.tokenizer.pad_token_id
         if temperature > 0:
-            return {"max_new_tokens": max_new_tokens, "do_sample": True, "temperature": temperature, "pad_token_id": pad}
+            return {
+                "max_new_tokens": max_new_tokens,
+                "do_sample": True,
+                "temperature": temperature,
+                "pad_token_id": pad,
+            }
         return {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
 
 
@@ -256,5 +289,3 @@ def write_rows(rows: list[dict], out: Path) -> Path:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, out)
     return out
-
-

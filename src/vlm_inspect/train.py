@@ -112,9 +112,16 @@ def launch_distributed(cfg: TrainConfig, run: Path) -> Path:
     gpu_ids = cfg.gpus.split(",") if cfg.gpus else [str(i) for i in range(torch.cuda.device_count())]
     cuda = torch.cuda.is_available()
     processes = len(gpu_ids) if cuda else int(os.environ.get("VLM_INSPECT_CPU_PROCESSES", "2"))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config_path(cfg.distributed))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(accelerate_config_path(cfg.distributed)),
+    ]
     cmd += ["--num_processes", str(processes), "--main_process_port", str(_free_port())]
-    cmd += ["--gpu_ids", ",".join(gpu_ids)] if cuda else ["--cpu"]
+    if cuda:  # on CPU the same config runs N gloo processes through torchrun
+        cmd += ["--gpu_ids", ",".join(gpu_ids)]
     cmd += ["-m", "vlm_inspect.train", str(run / "config.yaml")]
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled" if cfg.report_to != "wandb" else "")}
     result = subprocess.run(cmd, env=env, check=False)
@@ -178,7 +185,9 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
 
 
 def _train_in_process(cfg: TrainConfig, run: Path) -> Path:
+    import torch
     from accelerate import PartialState
+    from transformers import set_seed
 
     from vlm_inspect.data.dataset import Collator, load_training_dataset
     from vlm_inspect.models.load import load_processor, resolve_dtype
@@ -191,7 +200,8 @@ def _train_in_process(cfg: TrainConfig, run: Path) -> Path:
         save_final,
     )
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # gloo across CPU processes
+    set_seed(cfg.seed)  # before the model: LoRA's A matrices are drawn at creation
     device = state.device
     dtype = resolve_dtype(cfg.precision, device)
     processor = load_processor(cfg.model)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 import os
 import shutil
 from pathlib import Path
@@ -64,8 +63,8 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> t
 
 def _qlora_config(dtype: torch.dtype) -> Any:
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError as err:
         raise ConfigError([f"method: qlora needs bitsandbytes: pip install 'vlm-inspect[gpu]' ({err})"]) from None
     # The vision tower and projector stay in bf16 and the projector stays trainable.
@@ -289,5 +288,3 @@ def save_final(cfg: TrainConfig, run: Path, trainer: InspectTrainer, processor: 
         os.replace(tmp, final)
         console.print(f"[green]done:[/] {final}")
     return final
-
-

@@ -141,7 +141,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.epoch = 0  # set by the trainer callback so augmentation is reproducible on resume
         tok = processor.tokenizer
         self.image_token_id = tok.convert_tokens_to_ids(IMAGE)
-        self.tokens = [tokenize_conversation(conversation_turns(s), tok, self.image_token_id, image_seq_length) for s in samples]
+        self.tokens = [
+            tokenize_conversation(conversation_turns(s), tok, self.image_token_id, image_seq_length) for s in samples
+        ]
         too_long = [
             f"{s.get('id', i)} ({len(t.input_ids)} tokens)"
             for i, (s, t) in enumerate(zip(samples, self.tokens, strict=True))
@@ -176,7 +178,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         return image_processor(images=[image], return_tensors="pt")["pixel_values"]
 
 
-def load_training_dataset(data: str | Path, processor: Any, image_seq_length: int, **kwargs: Any) -> ConversationDataset:
+def load_training_dataset(
+    data: str | Path, processor: Any, image_seq_length: int, **kwargs: Any
+) -> ConversationDataset:
     """Read and check the dataset, then wrap it for training."""
     json_path, image_root = dataset_paths(data)
     samples = read_llava_json(json_path, image_root)

@@ -1,9 +1,905 @@
-"""Placeholder until `vlm-inspect prepare` is built."""
+"""`vlm-inspect prepare`: photo folders → LLaVA conversation datasets (train.json, val.json).
 
-from vlm_inspect.config import PrepareConfig
-from vlm_inspect.errors import NotBuiltError
+Input layouts, recognised automatically:
+- class folders `SRC/ok/…`, `SRC/ng/…` (aliases, any case), NG optionally split into
+  defect-type subfolders `SRC/ng/<defect>/…`;
+- an MVTec AD category (`train/good`, `test/good`, `test/<defect>`, `ground_truth/<defect>/<stem>_mask.png`);
+- an existing LLaVA JSON (`from_llava_json` + `image_folder`).
+Per-image sidecars `<stem>.txt` (description) or `<stem>.json` (description and defect boxes)
+add detail. Masks and boxes become location words on a 3x3 grid.
+
+The dataset is built in a hidden sibling folder and renamed into place at the end; manifest.json is
+written last, so a folder with a manifest is complete. Inputs are only ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+import re
+import secrets
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from vlm_inspect import __version__
+from vlm_inspect.config import PrepareConfig, save_config
+from vlm_inspect.data.images import load_image
+from vlm_inspect.data.llava_json import IMAGE_TOKEN, box_problems, read_llava_json
+from vlm_inspect.data.prompts import UNKNOWN_DEFECT, Prompts, load_prompts, location_word, parse_verdict
+from vlm_inspect.errors import ConfigError, DataError, OutputExistsError
+
+OK_NAMES = ("ok", "good", "pass", "normal")
+NG_NAMES = ("ng", "bad", "defect", "defective", "fail", "anomaly")
+SIDECAR_SUFFIXES = (".txt", ".json")
+FEW_VAL_IMAGES = 30
+"""Below this many validation images prepare prints the statistical caveat."""
+
+_FORMAT_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
+_MASK_GRID = 128  # masks are searched for separate regions on at most this many cells per side
+_SIDECAR_KEYS = {"description", "defects"}
 
 
-def prepare(cfg: PrepareConfig) -> None:
-    """Not built yet."""
-    raise NotBuiltError("`vlm-inspect prepare` is not built yet in this version")
+@dataclass
+class LabeledImage:
+    """One usable photo with what is known about it.
+
+    Boxes in `defects` are `[x0, y0, x1, y1]` in pixels of the upright image (EXIF orientation
+    applied), which is also how the copied file decodes.
+    """
+
+    path: Path
+    label: Literal["OK", "NG"]
+    defect_type: str | None = None
+    defects: list[dict[str, Any]] = field(default_factory=list)
+    description: str | None = None
+    width: int = 0
+    height: int = 0
+    sha256: str = ""
+    suffix: str = ""
+    """Suffix of the decoded format (`.jpg`, `.png`, ...), used to name the copy."""
+
+
+@dataclass
+class Skipped:
+    """An input file left out, and why."""
+
+    path: Path
+    reason: str
+    duplicate_of: Path | None = None
+
+
+@dataclass
+class _Group:
+    """A folder of photos sharing a label (and defect type)."""
+
+    folder: Path
+    label: Literal["OK", "NG"]
+    defect_type: str | None = None
+    recursive: bool = True
+    masks: Path | None = None
+
+
+@dataclass
+class _Scan:
+    layout: str
+    images: list[LabeledImage]
+    skipped: list[Skipped]
+    ignored_folders: list[Path]
+
+
+@dataclass
+class _Unit:
+    """One image file to copy and the samples that use it; the split never separates them."""
+
+    path: Path
+    name: str
+    stratum: str
+    samples: list[dict[str, Any]]
+
+
+# ---------------------------------------------------------------- public API
+
+
+def prepare(cfg: PrepareConfig) -> Path:
+    """Build a LLaVA conversation dataset from photo folders or an existing LLaVA JSON.
+
+    Args:
+        cfg: The settings; see `PrepareConfig`.
+
+    Returns:
+        The dataset folder, holding train.json, val.json, images/, config.yaml and manifest.json.
+
+    Raises:
+        ConfigError: listing every bad setting.
+        OutputExistsError: `out` exists, is not empty, and `overwrite` is off.
+        DataError: a class is missing or empty, a sidecar or the LLaVA JSON is malformed.
+    """
+    _validate(cfg)
+    out = Path(cfg.out)
+    _refuse_existing(out, cfg.overwrite)
+    console = Console()
+    prompts = load_prompts(cfg.language, getattr(cfg, "prompts", None))
+    product = _product_word(cfg, prompts)
+    with console.status("Reading and checking photos..."):
+        units, skipped, ignored, source = _gather(cfg, prompts, product)
+    is_val = stratified_split([u.stratum for u in units], cfg.val_fraction, cfg.seed)
+    manifest = _manifest(cfg, source, units, is_val, skipped, ignored, prompts.as_dict(product))
+    _build_then_move(out, lambda tmp: _write_dataset(tmp, cfg, units, is_val, manifest))
+    _print_summary(console, out, units, is_val, skipped, ignored)
+    return out
+
+
+def collect_images(
+    src: str | Path,
+    ok_names: tuple[str, ...] | list[str] = (),
+    ng_names: tuple[str, ...] | list[str] = (),
+    max_pixels: int = 100_000_000,
+) -> tuple[list[LabeledImage], list[Skipped]]:
+    """Labelled photos from class folders or an MVTec AD category, checked by decoding each one.
+
+    Args:
+        src: Folder with `ok/` and `ng/` class folders (aliases, any case) or MVTec AD layout.
+        ok_names: Folder names meaning OK besides ok/good/pass/normal.
+        ng_names: Folder names meaning NG besides ng/bad/defect/defective/fail/anomaly.
+        max_pixels: Larger photos are skipped (decompression-bomb guard).
+
+    Returns:
+        The usable photos (sorted by folder, duplicates removed) and the files left out with reasons.
+
+    Raises:
+        DataError: a class is missing or has no usable photo (naming the folder), or a sidecar
+            is malformed; every such problem is listed at once.
+    """
+    scan = _scan(Path(src), ok_names, ng_names, max_pixels)
+    return scan.images, scan.skipped
+
+
+def stratified_split(strata: list[str], val_fraction: float, seed: int) -> list[bool]:
+    """Which items go to validation: `val_fraction` of each stratum, chosen with a seeded shuffle.
+
+    A stratum of two or more items gives at least one to validation and keeps at least one
+    for training; a single item always trains.
+    """
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, stratum in enumerate(strata):
+        groups[stratum].append(index)
+    is_val = [False] * len(strata)
+    for stratum, members in groups.items():
+        # One generator per stratum: adding photos of one class leaves the split of the others as it was.
+        random.Random(f"{seed}/{stratum}").shuffle(members)
+        for index in members[: _val_count(len(members), val_fraction)]:
+            is_val[index] = True
+    return is_val
+
+
+def _val_count(n: int, val_fraction: float) -> int:
+    if val_fraction <= 0 or n < 2:
+        return 0
+    return min(n - 1, max(1, round(n * val_fraction)))
+
+
+# ---------------------------------------------------------------- settings and output folder
+
+
+def _validate(cfg: PrepareConfig) -> None:
+    problems = _input_problems(cfg)
+    if not cfg.out:
+        problems.append("out: required (the dataset folder to create)")
+    elif Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        problems.append(f"out: {cfg.out} exists and is not a folder")
+    if not 0 <= cfg.val_fraction < 1:
+        problems.append(f"val_fraction: {cfg.val_fraction} must be at least 0 and below 1")
+    if cfg.language not in ("en", "zh"):
+        problems.append(f"language: {cfg.language!r} is not en or zh")
+    if cfg.max_image_pixels <= 0:
+        problems.append(f"max_image_pixels: {cfg.max_image_pixels} must be positive")
+    problems += _name_problems(cfg)
+    problems += _overlap_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _input_problems(cfg: PrepareConfig) -> list[str]:
+    if not cfg.from_llava_json:
+        problems = [] if cfg.src else ["src: required (a photo folder), unless from_llava_json is given"]
+        if cfg.src and not Path(cfg.src).is_dir():
+            problems.append(f"src: {cfg.src} is not a folder")
+        if cfg.image_folder:
+            problems.append("image_folder: only used together with from_llava_json")
+        return problems
+    problems = ["src and from_llava_json: give one of them, not both"] if cfg.src else []
+    if not Path(cfg.from_llava_json).is_file():
+        problems.append(f"from_llava_json: {cfg.from_llava_json} is not a file")
+    if not cfg.image_folder:
+        problems.append("image_folder: required with from_llava_json (the folder its image paths are relative to)")
+    elif not Path(cfg.image_folder).is_dir():
+        problems.append(f"image_folder: {cfg.image_folder} is not a folder")
+    return problems
+
+
+def _name_problems(cfg: PrepareConfig) -> list[str]:
+    ok = {n.lower() for n in (*OK_NAMES, *cfg.ok_names)}
+    ng = {n.lower() for n in (*NG_NAMES, *cfg.ng_names)}
+    return [f"ok_names/ng_names: {name!r} would mean both OK and NG" for name in sorted(ok & ng)]
+
+
+def _overlap_problems(cfg: PrepareConfig) -> list[str]:
+    """Out may not sit inside an input (that would modify it) nor hold one (overwrite would delete it)."""
+    if not cfg.out:
+        return []
+    out = Path(cfg.out).resolve()
+    problems = []
+    for name in ("src", "image_folder"):
+        value = getattr(cfg, name)
+        if not value:
+            continue
+        source = Path(value).resolve()
+        if out == source or source in out.parents or out in source.parents:
+            problems.append(
+                f"out: {cfg.out} overlaps {name} {value}; write the dataset next to the photos, not among them"
+            )
+    return problems
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{out}: folder exists and is not empty; use --overwrite to replace it")
+
+
+def _product_word(cfg: PrepareConfig, prompts: Prompts) -> str:
+    # The setting's default "product" is English; other languages use their own default word.
+    word = (cfg.product or "").strip()
+    return prompts.default_product if word in ("", "product") else word
+
+
+def _build_then_move(out: Path, build: Callable[[Path], None]) -> None:
+    """Build in a hidden sibling, then rename into place; an error or interrupt removes the partial build."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        build(tmp)
+        _replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_folder(new: Path, out: Path) -> None:
+    if not out.exists():
+        new.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+    out.rename(old)
+    try:
+        new.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------- reading class folders and MVTec
+
+
+def _scan(
+    src: Path, ok_names: tuple[str, ...] | list[str], ng_names: tuple[str, ...] | list[str], max_pixels: int
+) -> _Scan:
+    if not src.is_dir():
+        raise DataError(f"{src}: no such folder")
+    layout, groups, ignored = _find_groups(src, ok_names, ng_names)
+    problems: list[str] = []
+    images: list[LabeledImage] = []
+    skipped: list[Skipped] = []
+    for group in groups:
+        found, group_skipped = _read_group(group, max_pixels, problems)
+        if not found:
+            problems.append(_empty_group_problem(group, group_skipped))
+        images += found
+        skipped += group_skipped
+    images, duplicates = _drop_duplicates(images)
+    problems += _missing_label_problems(src, images, groups)
+    if problems:
+        raise DataError(f"{src}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    return _Scan(layout, images, skipped + duplicates, ignored)
+
+
+def _find_groups(
+    src: Path, ok_names: tuple[str, ...] | list[str], ng_names: tuple[str, ...] | list[str]
+) -> tuple[str, list[_Group], list[Path]]:
+    if (src / "train" / "good").is_dir() or ((src / "test").is_dir() and (src / "ground_truth").is_dir()):
+        return "mvtec", *_mvtec_groups(src)
+    return "class_folders", *_class_groups(src, ok_names, ng_names)
+
+
+def _mvtec_groups(src: Path) -> tuple[list[_Group], list[Path]]:
+    groups = [_Group(src / split / "good", "OK") for split in ("train", "test") if (src / split / "good").is_dir()]
+    test = src / "test"
+    for folder in _subfolders(test) if test.is_dir() else []:
+        if folder.name != "good":
+            groups.append(_Group(folder, "NG", folder.name, masks=src / "ground_truth" / folder.name))
+    ignored = [f for f in _subfolders(src) if f.name not in ("train", "test", "ground_truth")]
+    return groups, ignored
+
+
+def _class_groups(
+    src: Path, ok_names: tuple[str, ...] | list[str], ng_names: tuple[str, ...] | list[str]
+) -> tuple[list[_Group], list[Path]]:
+    ok = {n.lower() for n in (*OK_NAMES, *ok_names)}
+    ng = {n.lower() for n in (*NG_NAMES, *ng_names)}
+    groups: list[_Group] = []
+    ignored: list[Path] = []
+    for folder in _subfolders(src):
+        if folder.name.lower() in ok:
+            groups.append(_Group(folder, "OK"))
+        elif folder.name.lower() in ng:
+            groups += _ng_groups(folder)
+        else:
+            ignored.append(folder)
+    missing = [label for label in ("OK", "NG") if not any(g.label == label for g in groups)]
+    if missing:
+        raise DataError(_missing_class_message(src, missing, ok, ng, ignored))
+    return groups, ignored
+
+
+def _ng_groups(folder: Path) -> list[_Group]:
+    """Photos directly in ng/ have no defect type; each subfolder's name is a defect type."""
+    groups = [_Group(sub, "NG", sub.name) for sub in _subfolders(folder)]
+    if _candidate_files(folder, recursive=False) or not groups:
+        groups.insert(0, _Group(folder, "NG", recursive=False))
+    return groups
+
+
+def _missing_class_message(src: Path, missing: list[str], ok: set[str], ng: set[str], ignored: list[Path]) -> str:
+    lines = [f"{src}: no {' and no '.join(missing)} class folder found."]
+    if "OK" in missing:
+        lines.append(f"  OK folder names (any case): {', '.join(sorted(ok))}; add more with --ok-name.")
+    if "NG" in missing:
+        lines.append(f"  NG folder names (any case): {', '.join(sorted(ng))}; add more with --ng-name.")
+    if ignored:
+        lines.append(f"  Subfolders found: {', '.join(f.name for f in ignored)}.")
+        if any(f.name in ("train", "test") for f in ignored) or any(f.name == "good" for f in ignored):
+            lines.append("  For MVTec AD give one category folder (the one holding train/, test/, ground_truth/).")
+    return "\n".join(lines)
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _candidate_files(folder: Path, recursive: bool) -> list[Path]:
+    """Every file that may be a photo; decoding decides. Hidden files and sidecars are not candidates."""
+    files = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        p
+        for p in files
+        if p.is_file()
+        and p.suffix.lower() not in SIDECAR_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _read_group(group: _Group, max_pixels: int, problems: list[str]) -> tuple[list[LabeledImage], list[Skipped]]:
+    images, skipped = [], []
+    for path in _candidate_files(group.folder, group.recursive):
+        item = _read_photo(path, group, max_pixels)
+        if isinstance(item, Skipped):
+            skipped.append(item)
+            continue
+        problems += _add_sidecars(item, group)
+        skipped += _add_mask_defects(item, group, max_pixels)
+        images.append(item)
+    return images, skipped
+
+
+def _read_photo(path: Path, group: _Group, max_pixels: int) -> LabeledImage | Skipped:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return Skipped(path, f"cannot be read ({err.strerror or err})")
+    try:
+        image = load_image(data, max_pixels, name=path.name)
+    except DataError as err:
+        return Skipped(path, str(err).removeprefix(f"{path.name}: "))
+    return LabeledImage(
+        path=path,
+        label=group.label,
+        defect_type=group.defect_type,
+        width=image.width,
+        height=image.height,
+        sha256=hashlib.sha256(data).hexdigest(),
+        suffix=_format_suffix(data, path),
+    )
+
+
+def _format_suffix(data: bytes, path: Path) -> str:
+    with Image.open(io.BytesIO(data)) as image:
+        return _FORMAT_SUFFIX.get(image.format or "", path.suffix.lower() or ".img")
+
+
+def _empty_group_problem(group: _Group, skipped: list[Skipped]) -> str:
+    what = f"{group.label}" + (f" ({group.defect_type})" if group.defect_type else "")
+    if not skipped:
+        return f"{group.folder}: no photos in this {what} folder"
+    reasons = "; ".join(f"{s.path.name}: {s.reason}" for s in skipped[:3])
+    return f"{group.folder}: no usable photo in this {what} folder ({len(skipped)} skipped: {reasons})"
+
+
+def _missing_label_problems(src: Path, images: list[LabeledImage], groups: list[_Group]) -> list[str]:
+    # Only reachable when every photo of a class was a duplicate of the other class.
+    present = {im.label for im in images}
+    return [
+        f"{src}: no usable {label} photo left after removing duplicates"
+        for label in ("OK", "NG")
+        if label not in present and any(g.label == label for g in groups)
+    ]
+
+
+# ---------------------------------------------------------------- sidecars and masks
+
+
+def _add_sidecars(image: LabeledImage, group: _Group) -> list[str]:
+    """Fill description and defects from `<stem>.txt` / `<stem>.json`; return problems found in them."""
+    text_file, json_file = image.path.with_suffix(".txt"), image.path.with_suffix(".json")
+    if text_file.is_file():
+        image.description = text_file.read_text(encoding="utf-8", errors="replace").strip() or None
+    if not json_file.is_file():
+        return []
+    data, problems = _read_sidecar_json(json_file, image)
+    if problems:
+        return [f"{json_file}: {p}" for p in problems]
+    if isinstance(data.get("description"), str) and data["description"].strip():
+        image.description = data["description"].strip()
+    for defect in data.get("defects", []):
+        image.defects.append({"type": defect.get("type") or group.defect_type or UNKNOWN_DEFECT, "box": defect["box"]})
+    if image.defect_type is None and image.defects and image.defects[0]["type"] != UNKNOWN_DEFECT:
+        image.defect_type = image.defects[0]["type"]
+    return []
+
+
+def _read_sidecar_json(json_file: Path, image: LabeledImage) -> tuple[dict[str, Any], list[str]]:
+    try:
+        data = json.loads(json_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return {}, [f"not valid UTF-8 JSON ({err})"]
+    if not isinstance(data, dict):
+        return {}, ['expected an object like {"description": ..., "defects": [{"type": ..., "box": [...]}]}']
+    problems = [f"unknown key {k!r} (known: description, defects)" for k in data if k not in _SIDECAR_KEYS]
+    if "description" in data and not isinstance(data["description"], str):
+        problems.append("'description' must be a text")
+    problems += _sidecar_defect_problems(data.get("defects", []), image)
+    return data, problems
+
+
+def _sidecar_defect_problems(defects: Any, image: LabeledImage) -> list[str]:
+    if not isinstance(defects, list):
+        return ["'defects' must be a list"]
+    if defects and image.label == "OK":
+        return [f"lists defects but {image.path.name} is in an OK folder"]
+    problems = []
+    for i, defect in enumerate(defects):
+        if not isinstance(defect, dict):
+            problems.append(f"defects[{i}]: must be an object with 'type' and 'box'")
+            continue
+        if "type" in defect and not isinstance(defect["type"], str):
+            problems.append(f"defects[{i}]: 'type' must be a text")
+        box_issue = box_problems(defect.get("box"))
+        if not box_issue and (defect["box"][2] > image.width or defect["box"][3] > image.height):
+            box_issue = [f"'box' {defect['box']} reaches outside the {image.width}x{image.height} upright image"]
+        problems += [f"defects[{i}]: {p}" for p in box_issue]
+    return problems
+
+
+def _add_mask_defects(image: LabeledImage, group: _Group, max_pixels: int) -> list[Skipped]:
+    """Defect boxes from an MVTec mask `ground_truth/<defect>/<stem>_mask.png`, one per separate region."""
+    if group.masks is None or image.defects:
+        return []
+    mask_path = group.masks / f"{image.path.stem}_mask.png"
+    if not mask_path.is_file():
+        return []
+    try:
+        mask = np.asarray(load_image(mask_path, max_pixels).convert("L")) > 127
+    except DataError as err:
+        return [Skipped(mask_path, f"mask not used: {str(err).removeprefix(f'{mask_path}: ')}")]
+    scale_x, scale_y = image.width / mask.shape[1], image.height / mask.shape[0]
+    for x0, y0, x1, y1 in mask_boxes(mask):
+        box = [round(x0 * scale_x), round(y0 * scale_y), round(x1 * scale_x), round(y1 * scale_y)]
+        image.defects.append({"type": group.defect_type or UNKNOWN_DEFECT, "box": box})
+    return []
+
+
+def mask_boxes(mask: np.ndarray) -> list[list[int]]:
+    """Pixel boxes `[x0, y0, x1, y1]` (x1, y1 exclusive) of the separate regions of a mask, largest first.
+
+    Regions are found on a grid of at most 128 cells per side, so specks a few pixels apart
+    count as one region.
+    """
+    height, width = mask.shape
+    step = max(1, math.ceil(max(height, width) / _MASK_GRID))
+    coarse = _block_any(mask, step)
+    found = []
+    for cells in _components(coarse):
+        rows, cols = zip(*cells, strict=True)
+        y0, y1 = min(rows) * step, min(height, (max(rows) + 1) * step)
+        x0, x1 = min(cols) * step, min(width, (max(cols) + 1) * step)
+        region = mask[y0:y1, x0:x1]
+        ys, xs = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+        box = [x0 + int(xs[0]), y0 + int(ys[0]), x0 + int(xs[-1]) + 1, y0 + int(ys[-1]) + 1]
+        found.append((int(region.sum()), box))
+    return [box for _, box in sorted(found, key=lambda f: -f[0])]
+
+
+def _block_any(mask: np.ndarray, step: int) -> np.ndarray:
+    height, width = mask.shape
+    padded = np.zeros((math.ceil(height / step) * step, math.ceil(width / step) * step), dtype=bool)
+    padded[:height, :width] = mask
+    return padded.reshape(padded.shape[0] // step, step, padded.shape[1] // step, step).any(axis=(1, 3))
+
+
+def _components(grid: np.ndarray) -> Iterator[list[tuple[int, int]]]:
+    """8-connected regions of a boolean grid, as lists of (row, column) cells."""
+    seen = np.zeros_like(grid)
+    rows, cols = grid.shape
+    for start in zip(*np.nonzero(grid), strict=True):
+        if seen[start]:
+            continue
+        seen[start] = True
+        stack, cells = [start], []
+        while stack:
+            r, c = stack.pop()
+            cells.append((int(r), int(c)))
+            for nr in range(max(0, r - 1), min(rows, r + 2)):
+                for nc in range(max(0, c - 1), min(cols, c + 2)):
+                    if grid[nr, nc] and not seen[nr, nc]:
+                        seen[nr, nc] = True
+                        stack.append((nr, nc))
+        yield cells
+
+
+def _drop_duplicates(images: list[LabeledImage]) -> tuple[list[LabeledImage], list[Skipped]]:
+    """Keep the first of identical files; identical files labelled both OK and NG are all dropped."""
+    first: dict[str, LabeledImage] = {}
+    conflicts: dict[str, list[LabeledImage]] = defaultdict(list)
+    skipped = []
+    for image in images:
+        kept = first.setdefault(image.sha256, image)
+        if kept is image:
+            continue
+        if kept.label != image.label:
+            conflicts[image.sha256].append(image)
+        else:
+            skipped.append(Skipped(image.path, f"same bytes as {kept.path}", duplicate_of=kept.path))
+    for sha, others in conflicts.items():
+        copies = [first[sha], *others]
+        listing = ", ".join(f"{im.path} ({im.label})" for im in copies)
+        skipped += [Skipped(im.path, f"conflicting labels: identical files {listing}") for im in copies]
+    kept_images = [im for im in images if first[im.sha256] is im and im.sha256 not in conflicts]
+    return kept_images, skipped
+
+
+# ---------------------------------------------------------------- conversations
+
+
+def _gather(
+    cfg: PrepareConfig, prompts: Prompts, product: str
+) -> tuple[list[_Unit], list[Skipped], list[Path], dict[str, Any]]:
+    if cfg.from_llava_json:
+        units, skipped = _llava_units(Path(cfg.from_llava_json), Path(cfg.image_folder or ""), cfg.max_image_pixels)
+        source = {"layout": "llava_json", "path": str(Path(cfg.from_llava_json).resolve())}
+        source["image_folder"] = str(Path(cfg.image_folder or "").resolve())
+        return units, skipped, [], source
+    scan = _scan(Path(cfg.src), cfg.ok_names, cfg.ng_names, cfg.max_image_pixels)
+    units = _folder_units(scan.images, prompts, product, cfg.seed, Path(cfg.src))
+    return units, scan.skipped, scan.ignored_folders, {"layout": scan.layout, "path": str(Path(cfg.src).resolve())}
+
+
+def _folder_units(images: list[LabeledImage], prompts: Prompts, product: str, seed: int, src: Path) -> list[_Unit]:
+    rng = random.Random(f"{seed}-questions")
+    verdict_questions = _cycle_shuffled(_weighted_verdict_questions(prompts), rng)
+    describe_questions = _cycle_shuffled(list(prompts.describe_questions), rng)
+    names = _UniqueNames()
+    units = []
+    for image in images:
+        name = names.new(image.label, image.defect_type, image.suffix)
+        turns = conversation(image, prompts, product, next(verdict_questions), next(describe_questions))
+        sample = {
+            "id": Path(name).stem,
+            "image": f"images/{name}",
+            "conversations": turns,
+            "label": image.label,
+            "defect_type": image.defect_type,
+            "defects": image.defects,
+            "source": _relative(image.path, src),
+        }
+        units.append(_Unit(image.path, name, _stratum(image.label, image.defect_type), [sample]))
+    return units
+
+
+def _weighted_verdict_questions(prompts: Prompts) -> list[str]:
+    # Predict and serve ask the first question, so it gets about a third of the samples;
+    # the paraphrases share the rest so other wordings still work.
+    first, others = prompts.verdict_questions[0], list(prompts.verdict_questions[1:])
+    return [first] * max(1, len(others) // 2) + others
+
+
+def _cycle_shuffled(items: list[str], rng: random.Random) -> Iterator[str]:
+    """Every item once per round, in a new seeded order each round, so few images still see many wordings."""
+    while True:
+        yield from rng.sample(items, len(items))
+
+
+def conversation(
+    image: LabeledImage, prompts: Prompts, product: str, verdict_question: str, describe_question: str
+) -> list[dict[str, str]]:
+    """The turns of one training sample: a verdict, then for NG a description when anything is known.
+
+    Args:
+        image: The photo and what is known about it.
+        prompts: Templates of the language.
+        product: Word for what the photo shows.
+        verdict_question: Template of the first question (`{product}` unfilled).
+        describe_question: Template of the second question, asked for NG photos.
+    """
+    located = [(d["type"], location_word(d["box"], image.width, image.height, prompts.language)) for d in image.defects]
+    turns = [
+        {"from": "human", "value": f"{IMAGE_TOKEN}\n{verdict_question.format(product=product)}"},
+        {
+            "from": "gpt",
+            "value": prompts.verdict_answer(image.label, _verdict_sentence(image, located, prompts, product)),
+        },
+    ]
+    description = _description(image, located, prompts, product)
+    if description:
+        turns.append({"from": "human", "value": describe_question.format(product=product)})
+        turns.append({"from": "gpt", "value": description})
+    return turns
+
+
+def _verdict_sentence(image: LabeledImage, located: list[tuple[str, str]], prompts: Prompts, product: str) -> str:
+    if image.label == "OK":
+        return prompts.join_sentences([image.description]) if image.description else prompts.ok_sentence(product)
+    if located:
+        return prompts.defect_sentence(*located[0], product)
+    return prompts.defect_sentence(image.defect_type, None, product)
+
+
+def _description(image: LabeledImage, located: list[tuple[str, str]], prompts: Prompts, product: str) -> str | None:
+    """The answer to 'describe the defects': description, count, then each defect with its place."""
+    if image.label == "OK":
+        return None
+    sentences = [image.description] if image.description else []
+    if len(located) > 1:
+        sentences.append(prompts.several_sentence(len(located)))
+    sentences += [prompts.defect_sentence(kind, where, product) for kind, where in located]
+    if not located and image.defect_type:
+        sentences.append(prompts.defect_sentence(image.defect_type, None, product))
+    return prompts.join_sentences(sentences) or None
+
+
+class _UniqueNames:
+    """File names for copies: `ok_0001.jpg`, `ng_scratch_0003.png`, numbered per class and type."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def new(self, label: str | None, defect_type: str | None, suffix: str) -> str:
+        prefix = "_".join(p for p in ((label or "sample").lower(), _slug(defect_type or "")) if p)
+        self.counts[prefix] += 1
+        return f"{prefix}_{self.counts[prefix]:04d}{suffix}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^\w]+", "_", text.lower()).strip("_")
+
+
+def _stratum(label: str | None, defect_type: str | None) -> str:
+    return f"{label or 'unlabelled'}/{defect_type or ''}"
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------- existing LLaVA JSON
+
+
+def _llava_units(json_path: Path, image_folder: Path, max_pixels: int) -> tuple[list[_Unit], list[Skipped]]:
+    """Samples of a LLaVA JSON grouped by image bytes; each image is checked by decoding and copied once."""
+    by_image: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for sample in read_llava_json(json_path, image_folder):
+        by_image[sample["image"]].append(sample)
+    units: dict[str, _Unit] = {}
+    skipped: list[Skipped] = []
+    names = _UniqueNames()
+    for image_rel, samples in by_image.items():
+        path = image_folder / image_rel
+        checked = _check_json_image(path, max_pixels, len(samples))
+        if isinstance(checked, Skipped):
+            skipped.append(checked)
+            continue
+        sha, suffix = checked
+        if sha not in units:
+            units[sha] = _json_unit(path, image_rel, samples, names, suffix)
+            continue
+        # Same bytes under another name: one copy, and its samples stay on one side of the split.
+        kept = units[sha]
+        kept.samples += _relabelled(samples, kept.name, image_rel, first_index=len(kept.samples))
+        skipped.append(Skipped(path, f"same bytes as {kept.path}", duplicate_of=kept.path))
+    if not units:
+        raise DataError(f"{json_path}: no sample has a usable image ({len(skipped)} skipped)")
+    return list(units.values()), skipped
+
+
+def _check_json_image(path: Path, max_pixels: int, n_samples: int) -> tuple[str, str] | Skipped:
+    try:
+        data = path.read_bytes()
+        load_image(data, max_pixels, name=path.name)
+    except (OSError, DataError) as err:
+        reason = str(err).removeprefix(f"{path.name}: ")
+        return Skipped(path, f"{reason} ({n_samples} sample(s) dropped)")
+    return hashlib.sha256(data).hexdigest(), _format_suffix(data, path)
+
+
+def _json_unit(path: Path, image_rel: str, samples: list[dict[str, Any]], names: _UniqueNames, suffix: str) -> _Unit:
+    label, defect_type = _sample_label(samples[0]), samples[0].get("defect_type")
+    name = names.new(label, defect_type, suffix)
+    return _Unit(path, name, _stratum(label, defect_type), _relabelled(samples, name, image_rel))
+
+
+def _relabelled(samples: list[dict[str, Any]], name: str, image_rel: str, first_index: int = 0) -> list[dict[str, Any]]:
+    """Samples pointing at the copy; a label parsed from the first answer is added when missing."""
+    out = []
+    for k, sample in enumerate(samples, start=first_index):
+        new = {**sample, "image": f"images/{name}", "source": sample.get("source", image_rel)}
+        new.setdefault("id", f"{Path(name).stem}_{k}")
+        label = _sample_label(sample)
+        if label:
+            new["label"] = label
+        out.append(new)
+    return out
+
+
+def _sample_label(sample: dict[str, Any]) -> str | None:
+    if sample.get("label") in ("OK", "NG"):
+        return sample["label"]
+    answers = [t["value"] for t in sample["conversations"] if t["from"] == "gpt"]
+    return parse_verdict(answers[0]) if answers else None
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write_dataset(tmp: Path, cfg: PrepareConfig, units: list[_Unit], is_val: list[bool], manifest: dict) -> None:
+    images = tmp / "images"
+    images.mkdir()
+    for unit in units:
+        # copyfile copies bytes only: the source is opened read-only and never touched.
+        shutil.copyfile(unit.path, images / unit.name)
+    train = [s for unit, val in zip(units, is_val, strict=True) if not val for s in unit.samples]
+    val = [s for unit, val in zip(units, is_val, strict=True) if val for s in unit.samples]
+    _write_json(tmp / "train.json", train)
+    _write_json(tmp / "val.json", val)
+    save_config(cfg, tmp)
+    # Last: a dataset folder with a manifest is complete.
+    _write_json(tmp / "manifest.json", manifest)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def _manifest(
+    cfg: PrepareConfig,
+    source: dict[str, Any],
+    units: list[_Unit],
+    is_val: list[bool],
+    skipped: list[Skipped],
+    ignored: list[Path],
+    prompts: dict[str, Any],
+) -> dict[str, Any]:
+    train = [u for u, val in zip(units, is_val, strict=True) if not val]
+    val = [u for u, val in zip(units, is_val, strict=True) if val]
+    return {
+        "tool": "vlm-inspect",
+        "version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "language": cfg.language,
+        "product": prompts["product"],
+        "default_question": prompts["default_question"],
+        "settings": {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "max_image_pixels": cfg.max_image_pixels},
+        "counts": _counts(units),
+        "split": {"train": _counts(train), "val": _counts(val)},
+        "skipped": [{"path": str(s.path), "reason": s.reason} for s in skipped if s.duplicate_of is None],
+        "duplicates": [{"path": str(s.path), "same_as": str(s.duplicate_of)} for s in skipped if s.duplicate_of],
+        "ignored_folders": [str(f) for f in ignored],
+        "prompts": prompts,
+        "files": {"train": "train.json", "val": "val.json", "images": "images", "config": "config.yaml"},
+    }
+
+
+def _counts(units: list[_Unit]) -> dict[str, Any]:
+    samples = [s for u in units for s in u.samples]
+    by_class = Counter(s.get("label") or "unlabelled" for s in samples)
+    by_type = Counter(s.get("defect_type") or "(unknown)" for s in samples if s.get("label") == "NG")
+    return {
+        "images": len(units),
+        "samples": len(samples),
+        "by_class": dict(sorted(by_class.items())),
+        "by_defect_type": dict(sorted(by_type.items())),
+    }
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _print_summary(
+    console: Console, out: Path, units: list[_Unit], is_val: list[bool], skipped: list[Skipped], ignored: list[Path]
+) -> None:
+    console.print(_summary_table(units, is_val))
+    duplicates = [s for s in skipped if s.duplicate_of]
+    bad = [s for s in skipped if not s.duplicate_of]
+    for item in bad[:10]:
+        console.print(f"[yellow]skipped[/] {item.path}: {item.reason}", highlight=False)
+    if len(bad) > 10:
+        console.print(f"[yellow]... and {len(bad) - 10} more skipped (all listed in manifest.json)[/]")
+    if duplicates:
+        console.print(f"[yellow]{len(duplicates)} duplicate file(s) left out[/] (same bytes; listed in manifest.json)")
+    for folder in ignored:
+        console.print(f"[yellow]ignored folder[/] {folder}: its name is neither an OK nor an NG name", highlight=False)
+    val_labels = [s.get("label") for u, v in zip(units, is_val, strict=True) if v for s in u.samples[:1]]
+    caveat = few_val_caveat(val_labels.count("OK"), val_labels.count("NG"), len(val_labels))
+    if caveat:
+        console.print(f"[bold yellow]caveat:[/] {caveat}", highlight=False)
+    console.print(f"dataset written to [bold]{out}[/]", highlight=False)
+
+
+def _summary_table(units: list[_Unit], is_val: list[bool]) -> Table:
+    table = Table(title="vlm-inspect prepare")
+    for column in ("class", "defect type", "train", "val", "total"):
+        table.add_column(column, justify="right" if column in ("train", "val", "total") else "left")
+    rows: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for unit, val in zip(units, is_val, strict=True):
+        label, _, defect_type = unit.stratum.partition("/")
+        rows[(label, defect_type or "-")][int(val)] += 1
+    for (label, defect_type), (n_train, n_val) in sorted(rows.items()):
+        table.add_row(label, defect_type, str(n_train), str(n_val), str(n_train + n_val))
+    n_val = sum(is_val)
+    table.add_row("all", "", str(len(units) - n_val), str(n_val), str(len(units)), style="bold")
+    return table
+
+
+def few_val_caveat(n_ok: int, n_ng: int, n_total: int) -> str | None:
+    """The statistical caveat for a small validation set, or None with enough images.
+
+    With 0 errors in n images the 95 % upper bound on the error rate is about 3/n (rule of three).
+    """
+    if n_total >= FEW_VAL_IMAGES:
+        return None
+    if n_total == 0:
+        return "no validation images (val_fraction is 0 or classes are too small): evaluate has nothing to measure."
+    return (
+        f"only {n_total} validation images ({n_ok} OK, {n_ng} NG). Zero errors on n images only bounds the "
+        f"error rate at about 3/n (95 % confidence): overkill below {_bound(n_ok)}, escape below {_bound(n_ng)}. "
+        f"Measured rates on fewer than {FEW_VAL_IMAGES} images are not line-grade evidence."
+    )
+
+
+def _bound(n: int) -> str:
+    return "100 %" if n == 0 else f"{min(1.0, 3 / n):.0%}".replace("%", " %")

@@ -1,9 +1,588 @@
-"""Placeholder until `vlm-inspect evaluate` is built."""
+"""`vlm-inspect evaluate`: the base and the tuned model on the same labelled photos, before vs after.
 
-from vlm_inspect.config import EvaluateConfig
-from vlm_inspect.errors import NotBuiltError
+Both models answer the training wordings of the verdict question and held-out wordings they never
+saw. Everything measured goes into results.json first; report.html is then rendered from that
+file alone, so a report can always be rebuilt or audited from its data.
+
+Run as: vlm-inspect evaluate --model BASE --adapter RUN --data DATASET --out REPORT
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import gc
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+import vlm_inspect
+from vlm_inspect.config import EvaluateConfig, require, save_config
+from vlm_inspect.errors import ConfigError, DataError, OutputExistsError
+from vlm_inspect.evaluate.metrics import score_metrics, verdicts
+from vlm_inspect.evaluate.report import fmt_interval, fmt_pct, write_report
+
+RESULTS_VERSION = 1
+RESULTS_NAME = "results.json"
+REPORT_NAME = "report.html"
+THUMBNAIL_SIDE = 256
+# Images held in memory at once while scoring: bounds RAM on large sets of big photos.
+IMAGES_PER_CHUNK = 64
+MODELS = ("tuned", "base")  # tuned first: its mistakes choose the gallery
+
+console = Console()
 
 
-def evaluate(cfg: EvaluateConfig) -> None:
-    """Not built yet."""
-    raise NotBuiltError("`vlm-inspect evaluate` is not built yet in this version")
+@dataclass
+class Item:
+    """One labelled photo to evaluate."""
+
+    id: str
+    path: Path
+    shown_path: str
+    label: str
+    defect_type: str | None = None
+    defects: list[dict] = field(default_factory=list)
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class Question:
+    """A wording of the verdict question; kind is training, heldout or extra (from --questions)."""
+
+    id: str
+    text: str
+    kind: str
+    default: bool = False
+
+
+def evaluate(cfg: EvaluateConfig) -> Path:
+    """Compare base and tuned models on labelled photos; write results.json, then report.html from it.
+
+    With `adapter`, one model is loaded and the base is the same weights with the adapter
+    switched off. With a merged `model`, `base` names the base folder and two models are
+    loaded one after the other.
+
+    Args:
+        cfg: the evaluate settings.
+
+    Returns:
+        The report folder (holding results.json, report.html and config.yaml).
+
+    Raises:
+        ConfigError: listing every bad setting.
+        OutputExistsError: the report folder exists and overwrite is off.
+        DataError: the data cannot be read or holds no usable labelled photo.
+        ModelFolderError: a model or adapter folder cannot be loaded.
+    """
+    validate(cfg)
+    items, left_out = load_items(Path(cfg.data))
+    items, skipped, thumbnails = check_images(items)
+    skipped = left_out + skipped
+    questions = build_questions(cfg)
+    console.print(
+        f"evaluating {len(items)} photos ({sum(i.label == 'OK' for i in items)} OK, "
+        f"{sum(i.label == 'NG' for i in items)} NG) × {len(questions)} questions × base and tuned"
+    )
+    if not cfg.adapter:
+        console.print(f"[bold]merged model[/]: 'after' is {cfg.model}, 'before' is the separate base {cfg.base}")
+    scores, answers, models, gallery = score_both_models(cfg, items, questions)
+    results = build_results(cfg, items, skipped, questions, scores, answers, models, gallery, thumbnails)
+    out = write_outputs(cfg, results)
+    print_summary(results, out)
+    return out
+
+
+# ---------------------------------------------------------------- settings
+
+
+def validate(cfg: EvaluateConfig) -> None:
+    """Raise one ConfigError listing every bad setting; OutputExistsError for an existing report."""
+    problems = require(cfg, "model", "data", "out")
+    if cfg.adapter and cfg.base:
+        problems.append(
+            "adapter and base: give one. With --adapter, --model is the base and the adapter is switched off "
+            "for 'before'; with a merged --model, --base is the 'before' model"
+        )
+    if cfg.model and not cfg.adapter and not cfg.base:
+        problems.append(
+            f"base: required when --model has no --adapter. If {cfg.model} is a merged (tuned) model, the "
+            "'before' needs the original model: pass --base BASE_FOLDER; otherwise pass --adapter RUN"
+        )
+    if not 0.0 <= cfg.max_escape <= 1.0:
+        problems.append(f"max_escape: {cfg.max_escape} is not between 0 and 1")
+    if not 0.0 <= cfg.threshold <= 1.0:
+        problems.append(f"threshold: {cfg.threshold} is not between 0 and 1")
+    if cfg.batch_size < 1:
+        problems.append(f"batch_size: {cfg.batch_size} must be at least 1")
+    if cfg.max_new_tokens < 1:
+        problems.append(f"max_new_tokens: {cfg.max_new_tokens} must be at least 1")
+    if cfg.gallery_size < 0:
+        problems.append(f"gallery_size: {cfg.gallery_size} must be 0 or more")
+    if cfg.data and not Path(cfg.data).exists():
+        problems.append(f"data: {cfg.data} does not exist")
+    if cfg.questions and not Path(cfg.questions).is_file():
+        problems.append(f"questions: {cfg.questions} is not a file")
+    if problems:
+        raise ConfigError(problems)
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise OutputExistsError(f"{out}: exists; pass --overwrite to replace it")
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_items(data: Path) -> tuple[list[Item], list[dict]]:
+    """Labelled photos from a prepare dataset folder (val.json), a LLaVA JSON file, or class folders.
+
+    Returns:
+        The items, and the files left out with their reasons (class folders only; a dataset's
+        files were checked when it was made).
+    """
+    if data.is_dir() and (data / "val.json").is_file():
+        return items_from_llava_json(data / "val.json", data), []
+    if data.is_file() and data.suffix == ".json":
+        return items_from_llava_json(data, data.parent), []
+    if data.is_dir():
+        return items_from_folders(data)
+    raise DataError(f"{data}: not a dataset folder (with val.json), a LLaVA JSON file or a folder of class folders")
+
+
+def items_from_llava_json(path: Path, image_folder: Path) -> list[Item]:
+    """Items from LLaVA samples; the label is the `label` key, else the verdict word of the first answer."""
+    from vlm_inspect.data.llava_json import read_llava_json
+    from vlm_inspect.data.prompts import parse_verdict
+
+    items, unlabelled = [], []
+    for index, sample in enumerate(read_llava_json(path, image_folder)):
+        answers = [t["value"] for t in sample["conversations"] if t["from"] == "gpt"]
+        label = sample.get("label") or parse_verdict(answers[0])
+        if label is None:
+            unlabelled.append(f"sample {index} ({sample.get('id', sample['image'])})")
+            continue
+        items.append(
+            Item(
+                id=str(sample.get("id") or sample["image"]),
+                path=image_folder / sample["image"],
+                shown_path=sample["image"],
+                label=label,
+                defect_type=sample.get("defect_type"),
+                defects=list(sample.get("defects") or []),
+                description=answers[-1] if label == "NG" and len(answers) > 1 else None,
+            )
+        )
+    if unlabelled:
+        raise DataError(
+            f"{path}: {len(unlabelled)} sample(s) have no 'label' key and no answer starting with OK or NG: "
+            + ", ".join(unlabelled[:20])
+        )
+    return unique_ids(items)
+
+
+def items_from_folders(src: Path) -> tuple[list[Item], list[dict]]:
+    """Items from a labelled class-folder tree (ok/, ng/, ng/<defect>/, MVTec AD), read as prepare reads it."""
+    from vlm_inspect.data.prepare import collect_images
+
+    images, skipped = collect_images(src)
+    items = [
+        Item(
+            id=_relative(image.path, src),
+            path=Path(image.path),
+            shown_path=_relative(image.path, src),
+            label=image.label,
+            defect_type=image.defect_type,
+            defects=list(image.defects),
+            description=image.description,
+        )
+        for image in images
+    ]
+    return unique_ids(items), [{"path": _relative(s.path, src), "reason": s.reason} for s in skipped]
+
+
+def _relative(path: Path, root: Path) -> str:
+    path = Path(path)
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
+def unique_ids(items: list[Item]) -> list[Item]:
+    """Make repeated ids unique (`id`, `id#2`, ...): rows of results.json are keyed by id."""
+    seen: dict[str, int] = {}
+    for item in items:
+        seen[item.id] = seen.get(item.id, 0) + 1
+        if seen[item.id] > 1:
+            item.id = f"{item.id}#{seen[item.id]}"
+    return items
+
+
+def check_images(items: list[Item]) -> tuple[list[Item], list[dict], dict[str, str]]:
+    """Decode every photo once: unreadable ones are skipped with their reason; thumbnails are made here."""
+    from vlm_inspect.data.images import load_image
+
+    good, skipped, thumbnails = [], [], {}
+    for item in items:
+        try:
+            image = load_image(item.path)
+        except DataError as err:
+            skipped.append({"path": item.shown_path, "reason": str(err)})
+            continue
+        thumbnails[item.id] = thumbnail_uri(image, item.defects)
+        good.append(item)
+    if not good:
+        raise DataError(f"none of the {len(items)} photos could be read (first: {skipped[0]['reason']})")
+    for s in skipped:
+        console.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
+    return good, skipped, thumbnails
+
+
+def thumbnail_uri(image: Image.Image, defects: Sequence[dict], side: int = THUMBNAIL_SIDE) -> str:
+    """A small JPEG data URI of the photo with each defect box drawn in red."""
+    scale = min(1.0, side / max(image.size))
+    thumb = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+    draw = ImageDraw.Draw(thumb)
+    for defect in defects:
+        box = defect.get("box")
+        if box and len(box) == 4:
+            draw.rectangle([v * scale for v in box], outline=(230, 20, 20), width=2)
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def build_questions(cfg: EvaluateConfig) -> list[Question]:
+    """Training wordings (the first is the default), held-out wordings, then the --questions file's."""
+    training, heldout = prompt_questions(cfg)
+    extra = read_questions_file(Path(cfg.questions)) if cfg.questions else []
+    questions: list[Question] = []
+    seen: set[str] = set()
+    for kind, texts in (("training", training), ("heldout", heldout), ("extra", extra)):
+        for text in texts:
+            if text not in seen:
+                seen.add(text)
+                questions.append(Question(f"q{len(questions)}", text, kind, default=not questions))
+    return questions
+
+
+def prompt_questions(cfg: EvaluateConfig) -> tuple[list[str], list[str]]:
+    """The verdict and held-out wordings, with the product word filled in.
+
+    The dataset's manifest records the wordings it was made with (a user may have edited
+    prompts.yaml); without one, the shipped templates in the run's language are used.
+    """
+    from vlm_inspect.data.prompts import load_prompts
+    from vlm_inspect.predict import run_settings
+
+    manifest = dataset_manifest(Path(cfg.data))
+    recorded = manifest.get("prompts") or {}
+    if recorded.get("verdict_questions") and recorded.get("heldout_questions"):
+        return list(recorded["verdict_questions"]), list(recorded["heldout_questions"])
+    settings = run_settings(cfg.adapter)
+    language = manifest.get("language") or settings["language"]
+    prompts = load_prompts(language)
+    product = manifest.get("product") or settings["product"] or prompts.default_product
+    return (
+        [q.format(product=product) for q in prompts.verdict_questions],
+        [q.format(product=product) for q in prompts.heldout_questions],
+    )
+
+
+def dataset_manifest(data: Path) -> dict:
+    """The prepare manifest beside the data, or {} when there is none."""
+    folder = data if data.is_dir() else data.parent
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def read_questions_file(path: Path) -> list[str]:
+    """One question per line; blank lines and lines starting with # are ignored."""
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    questions = [line for line in lines if line and not line.startswith("#")]
+    if not questions:
+        raise DataError(f"{path}: holds no questions (one per line)")
+    return questions
+
+
+# ---------------------------------------------------------------- models
+
+
+def model_sessions(cfg: EvaluateConfig) -> Iterator[tuple[str, Any, dict]]:
+    """("tuned", predictor, info), then ("base", predictor, info) with the base active.
+
+    One set of weights when there is an adapter; a merged model and its base are loaded one
+    after the other so only one is in memory at a time.
+    """
+    from vlm_inspect.predict import Predictor
+
+    if cfg.adapter:
+        predictor = Predictor.load(cfg.model, adapter=cfg.adapter, device=cfg.device)
+        yield "tuned", predictor, {"model": cfg.model, "adapter": cfg.adapter, "how": "model + adapter"}
+        with predictor.adapter_disabled():
+            info = {"model": cfg.model, "adapter": None, "how": "same weights, adapter switched off"}
+            yield "base", predictor, {"name": Path(cfg.model).name, **info}
+        return
+    tuned = Predictor.load(cfg.model, device=cfg.device)
+    yield "tuned", tuned, {"model": cfg.model, "adapter": None, "how": "merged model folder"}
+    del tuned
+    _free_memory()
+    base = Predictor.load(cfg.base, device=cfg.device)
+    yield "base", base, {"model": cfg.base, "adapter": None, "how": "separate base folder (--base)"}
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def score_both_models(
+    cfg: EvaluateConfig, items: list[Item], questions: list[Question]
+) -> tuple[dict, dict, dict, list[str]]:
+    """Scores of every image for every question and model, and greedy answers for the gallery.
+
+    Returns:
+        scores[model][question id] → p(NG) per item; answers[model][item id] → text;
+        models[model] → name and how it was loaded; the gallery's item ids.
+    """
+    scores: dict[str, dict[str, list[float]]] = {}
+    answers: dict[str, dict[str, str]] = {}
+    models: dict[str, dict] = {}
+    gallery: list[str] = []
+    default = questions[0]
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console) as progress:
+        for key, predictor, info in model_sessions(cfg):
+            models[key] = {"name": info.pop("name", predictor.name), **info}
+            task = progress.add_task(f"{key}: scoring", total=len(items) * len(questions))
+            scores[key] = score_items(
+                predictor, items, questions, cfg.batch_size, lambda n, t=task: progress.advance(t, n)
+            )
+            if key == "tuned":  # always first, so the base answers the same gallery
+                gallery = choose_gallery(items, scores[key][default.id], cfg.threshold, cfg.gallery_size)
+            shown = [i for i in items if i.id in set(gallery)]
+            progress.update(task, description=f"{key}: answering", total=len(items) * len(questions) + len(shown))
+            answers[key] = describe_items(predictor, shown, default.text, cfg, lambda n, t=task: progress.advance(t, n))
+            # Drop our reference before the next model loads, so a merged model and its base never share memory.
+            del predictor
+    return scores, answers, models, gallery
+
+
+def score_items(
+    predictor: Any, items: list[Item], questions: list[Question], batch_size: int, advance: Any
+) -> dict[str, list[float]]:
+    """p(NG) of every item for every question, loading photos a chunk at a time."""
+    out: dict[str, list[float]] = {q.id: [] for q in questions}
+    for chunk in _chunks(items, IMAGES_PER_CHUNK):
+        images = [_load(item) for item in chunk]
+        for q in questions:
+            out[q.id].extend(predictor.score(images, q.text, batch_size=batch_size))
+            advance(len(chunk))
+    return out
+
+
+def describe_items(predictor: Any, items: list[Item], question: str, cfg: EvaluateConfig, advance: Any) -> dict:
+    """Greedy answers to the default question, keyed by item id."""
+    answers: dict[str, str] = {}
+    for chunk in _chunks(items, IMAGES_PER_CHUNK):
+        images = [_load(item) for item in chunk]
+        texts = predictor.describe(images, question, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        answers.update(zip((item.id for item in chunk), texts, strict=True))
+        advance(len(chunk))
+    return answers
+
+
+def choose_gallery(items: list[Item], p_ng: list[float], threshold: float, size: int) -> list[str]:
+    """Item ids to describe: the tuned model's mistakes first, then OK and NG photos in turn."""
+    called = verdicts(p_ng, threshold)
+    wrong = [item.id for item, v in zip(items, called, strict=True) if v != item.label]
+    rest_ok = [item.id for item, v in zip(items, called, strict=True) if v == item.label and item.label == "OK"]
+    rest_ng = [item.id for item, v in zip(items, called, strict=True) if v == item.label and item.label == "NG"]
+    interleaved = [i for pair in zip(rest_ng, rest_ok, strict=False) for i in pair]
+    longer = rest_ng if len(rest_ng) > len(rest_ok) else rest_ok
+    interleaved += longer[min(len(rest_ng), len(rest_ok)) :]
+    return (wrong + interleaved)[:size]
+
+
+def _chunks(items: list[Item], n: int) -> Iterator[list[Item]]:
+    for start in range(0, len(items), n):
+        yield items[start : start + n]
+
+
+def _load(item: Item) -> Image.Image:
+    from vlm_inspect.data.images import load_image
+
+    return load_image(item.path)
+
+
+# ---------------------------------------------------------------- results
+
+
+def build_results(
+    cfg: EvaluateConfig,
+    items: list[Item],
+    skipped: list[dict],
+    questions: list[Question],
+    scores: dict,
+    answers: dict,
+    models: dict,
+    gallery: list[str],
+    thumbnails: dict[str, str],
+) -> dict:
+    """The results.json mapping (schema: see the README, "results.json")."""
+    from vlm_inspect.data.prompts import parse_verdict
+
+    labels = [item.label for item in items]
+    metrics = {
+        m: {q.id: score_metrics(scores[m][q.id], labels, cfg.threshold, cfg.max_escape) for q in questions}
+        for m in ("base", "tuned")
+    }
+    shown = set(gallery)
+    images = []
+    for n, item in enumerate(items):
+        in_gallery = item.id in shown
+        row_answers = {m: answers[m].get(item.id, "") for m in ("base", "tuned")} if in_gallery else None
+        images.append(
+            {
+                "id": item.id,
+                "path": item.shown_path,
+                "label": item.label,
+                "defect_type": item.defect_type,
+                "defects": item.defects,
+                "description": item.description,
+                "p_ng": {m: {q.id: round(scores[m][q.id][n], 6) for q in questions} for m in ("base", "tuned")},
+                "answers": row_answers,
+                "answer_verdicts": {m: parse_verdict(a) for m, a in row_answers.items()} if row_answers else None,
+                "thumbnail": thumbnails.get(item.id) if in_gallery else None,
+            }
+        )
+    return {
+        "version": RESULTS_VERSION,
+        "tool": {"name": "vlm-inspect", "version": vlm_inspect.__version__},
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": dataclasses.asdict(cfg),
+        "data": {
+            "source": cfg.data,
+            "n_images": len(items),
+            "n_ok": labels.count("OK"),
+            "n_ng": labels.count("NG"),
+            "skipped": skipped,
+        },
+        "models": {m: models[m] for m in ("base", "tuned")},
+        "questions": [dataclasses.asdict(q) for q in questions],
+        "metrics": metrics,
+        "images": images,
+        "training": training_rows(cfg.adapter),
+    }
+
+
+def training_rows(adapter: str | None) -> dict:
+    """The run's loss per step from metrics.jsonl (in the run folder, or beside an adapter/ folder)."""
+    if not adapter:
+        return {"metrics_file": None, "rows": []}
+    folder = Path(adapter)
+    for path in (folder / "metrics.jsonl", folder.parent / "metrics.jsonl"):
+        if path.is_file():
+            return {"metrics_file": str(path), "rows": read_loss_rows(path)}
+    return {"metrics_file": None, "rows": []}
+
+
+def read_loss_rows(path: Path) -> list[dict]:
+    """Rows with a numeric step and loss (other rows, e.g. run summaries, are left out)."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a run killed mid-write leaves a partial last line
+        if not isinstance(row, dict):
+            continue
+        step, loss = row.get("step"), row.get("loss")
+        if isinstance(step, (int, float)) and isinstance(loss, (int, float)):
+            kept = {"step": step, "loss": loss}
+            kept.update({k: row[k] for k in ("lr", "epoch") if isinstance(row.get(k), (int, float))})
+            rows.append(kept)
+    return rows
+
+
+def write_outputs(cfg: EvaluateConfig, results: dict) -> Path:
+    """results.json, then report.html from it, then config.yaml; built in a temporary sibling and renamed."""
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        (tmp / RESULTS_NAME).write_text(json.dumps(results, indent=1, ensure_ascii=False, allow_nan=False), "utf-8")
+        write_report(tmp / RESULTS_NAME, tmp / REPORT_NAME)
+        save_config(cfg, tmp)
+        replace_folder(tmp, out, cfg.overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def replace_folder(new: Path, out: Path, overwrite: bool) -> None:
+    """Move `new` to `out`; an existing `out` is moved aside first and removed only after."""
+    if out.exists():
+        if not overwrite and (not out.is_dir() or any(out.iterdir())):
+            raise OutputExistsError(f"{out}: appeared while evaluating; pass --overwrite to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(new, out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        return
+    os.replace(new, out)
+
+
+def print_summary(results: dict, out: Path) -> None:
+    """A table of the default question's metrics, base vs tuned, and where the report is."""
+    default = next(q for q in results["questions"] if q["default"])
+    table = Table(title=f"{results['data']['n_images']} photos · {default['text']}")
+    table.add_column("metric")
+    for m in ("base", "tuned"):
+        table.add_column(f"{m}: {results['models'][m]['name']}", justify="right")
+    for key, title in (
+        ("accuracy", "accuracy"),
+        ("balanced_accuracy", "balanced accuracy"),
+        ("escape_rate", "escape (NG passed)"),
+        ("overkill_rate", "overkill (OK rejected)"),
+    ):
+        cells = []
+        for m in ("base", "tuned"):
+            est = results["metrics"][m][default["id"]][key]
+            cells.append(f"{fmt_pct(est['value'])} {fmt_interval(est)}" if est["value"] is not None else "–")
+        table.add_row(title, *cells)
+    table.add_row("ROC AUC", *(_auc_text(results["metrics"][m][default["id"]]) for m in ("base", "tuned")))
+    table.add_row("held-out wordings: mean bal. acc.", *(_heldout_mean(results, m) for m in ("base", "tuned")))
+    console.print(table)
+    console.print(f"report: {out / REPORT_NAME}")
+
+
+def _auc_text(block: dict) -> str:
+    return "–" if block["auc"]["value"] is None else f"{block['auc']['value']:.3f}"
+
+
+def _heldout_mean(results: dict, model: str) -> str:
+    ids = [q["id"] for q in results["questions"] if q["kind"] != "training"]
+    values = [results["metrics"][model][i]["balanced_accuracy"]["value"] for i in ids]
+    values = [v for v in values if v is not None]
+    return fmt_pct(sum(values) / len(values)) if values else "–"

@@ -1,0 +1,166 @@
+"""Read and check a conversation JSON in the original LLaVA format, as its `train.py` needs it.
+
+The format (LLaVA `docs/Finetune_Custom_Data.md`): a JSON list of samples, each with `id`,
+`image` (a path relative to the image folder) and `conversations`, a list of
+`{"from": "human" | "gpt", "value": text}` turns alternating from human, `<image>` in the first
+human turn. Extra keys are kept: prepare adds `label`, `defect_type`, `defects` and `source`,
+which the original `train.py` ignores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vlm_inspect.errors import DataError
+
+IMAGE_TOKEN = "<image>"
+ROLES = ("human", "gpt")
+_MAX_LISTED = 50
+
+
+def read_llava_json(path: Path, image_folder: Path) -> list[dict[str, Any]]:
+    """Read a LLaVA conversation JSON and check every sample; return normalised copies.
+
+    The first human turn is rewritten as LLaVA's `preprocess_multimodal` does: `<image>` is
+    removed and put back as `"<image>\\n"` at the start of the turn.
+
+    Args:
+        path: The JSON file.
+        image_folder: The folder each sample's `image` is relative to.
+
+    Returns:
+        The samples, with every key kept and the first human turn normalised.
+
+    Raises:
+        DataError: naming the file and, for each bad sample, its index, id and problem.
+    """
+    path, image_folder = Path(path), Path(image_folder)
+    data = _load_json(path)
+    problems: list[str] = []
+    samples = []
+    for index, sample in enumerate(data):
+        sample_problems = _sample_problems(sample, image_folder)
+        if sample_problems:
+            where = f"sample {index}" + (
+                f" (id {sample['id']!r})" if isinstance(sample, dict) and "id" in sample else ""
+            )
+            problems += [f"{where}: {p}" for p in sample_problems]
+        else:
+            samples.append(_normalised(sample))
+    if problems:
+        raise DataError(_problems_message(path, problems))
+    return samples
+
+
+def _load_json(path: Path) -> list[Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not valid UTF-8 JSON ({err})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
+    if not data:
+        raise DataError(f"{path}: contains no samples")
+    return data
+
+
+def _sample_problems(sample: Any, image_folder: Path) -> list[str]:
+    if not isinstance(sample, dict):
+        return [f"expected an object, got {type(sample).__name__}"]
+    problems = _image_problems(sample.get("image"), image_folder)
+    problems += _conversation_problems(sample.get("conversations"))
+    problems += _extra_key_problems(sample)
+    return problems
+
+
+def _image_problems(image: Any, image_folder: Path) -> list[str]:
+    if not isinstance(image, str) or not image.strip():
+        return ["'image' must be a non-empty path text (one image per sample)"]
+    if not (image_folder / image).is_file():
+        return [f"image {image!r} not found in {image_folder}"]
+    return []
+
+
+def _conversation_problems(conversations: Any) -> list[str]:
+    if not isinstance(conversations, list) or not conversations:
+        return ["'conversations' must be a non-empty list of turns"]
+    problems = []
+    for i, turn in enumerate(conversations):
+        expected = ROLES[i % 2]
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            problems.append(f"turn {i}: must be an object with 'from' and a text 'value'")
+        elif turn.get("from") not in ROLES:
+            problems.append(f"turn {i}: 'from' is {turn.get('from')!r}, must be 'human' or 'gpt'")
+        elif turn["from"] != expected:
+            problems.append(f"turn {i}: from {turn['from']!r}, expected {expected!r} (turns alternate from human)")
+        elif not turn["value"].replace(IMAGE_TOKEN, "").strip():
+            problems.append(f"turn {i}: empty {turn['from']} text")
+    if problems:
+        return problems
+    if len(conversations) % 2:
+        problems.append("the last turn is a human turn with no answer")
+    image_count = sum(turn["value"].count(IMAGE_TOKEN) for turn in conversations)
+    if IMAGE_TOKEN not in conversations[0]["value"]:
+        problems.append(f"the first human turn has no {IMAGE_TOKEN}")
+    elif image_count > 1:
+        problems.append(f"{IMAGE_TOKEN} appears {image_count} times; one image per sample means exactly once")
+    return problems
+
+
+def _extra_key_problems(sample: dict[str, Any]) -> list[str]:
+    problems = []
+    if "label" in sample and sample["label"] not in ("OK", "NG"):
+        problems.append(f"'label' is {sample['label']!r}, must be 'OK' or 'NG'")
+    if "defect_type" in sample and sample["defect_type"] is not None and not isinstance(sample["defect_type"], str):
+        problems.append("'defect_type' must be a text or null")
+    if "defects" in sample:
+        problems += defects_problems(sample["defects"])
+    return problems
+
+
+def defects_problems(defects: Any) -> list[str]:
+    """Problems with a `defects` list: each `{"type": text, "box": [x0, y0, x1, y1]}`, x0 < x1, y0 < y1."""
+    if not isinstance(defects, list):
+        return ["'defects' must be a list"]
+    problems = []
+    for i, defect in enumerate(defects):
+        if not isinstance(defect, dict):
+            problems.append(f"defects[{i}]: must be an object with 'type' and 'box'")
+            continue
+        if "type" in defect and not isinstance(defect["type"], str):
+            problems.append(f"defects[{i}]: 'type' must be a text")
+        problems += [f"defects[{i}]: {p}" for p in box_problems(defect.get("box"))]
+    return problems
+
+
+def box_problems(box: Any) -> list[str]:
+    """Problems with one `[x0, y0, x1, y1]` pixel box."""
+    numeric = isinstance(box, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+    if not numeric or len(box) != 4:
+        return [f"'box' must be 4 numbers [x0, y0, x1, y1], got {box!r}"]
+    x0, y0, x1, y1 = box
+    if not (x0 < x1 and y0 < y1):
+        return [f"'box' {box} needs x0 < x1 and y0 < y1"]
+    if min(box) < 0:
+        return [f"'box' {box} has negative coordinates"]
+    return []
+
+
+def _normalised(sample: dict[str, Any]) -> dict[str, Any]:
+    conversations = [dict(turn) for turn in sample["conversations"]]
+    text = conversations[0]["value"].replace(IMAGE_TOKEN, "").strip()
+    conversations[0]["value"] = f"{IMAGE_TOKEN}\n{text}"
+    return {**sample, "conversations": conversations}
+
+
+def _problems_message(path: Path, problems: list[str]) -> str:
+    listed = problems[:_MAX_LISTED]
+    more = len(problems) - len(listed)
+    lines = [f"{path}: {len(problems)} problem(s):", *(f"  - {p}" for p in listed)]
+    if more:
+        lines.append(f"  ... and {more} more")
+    return "\n".join(lines)

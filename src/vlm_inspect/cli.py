@@ -223,6 +223,9 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(help="Report folder.")] = None,
     questions: Annotated[Optional[Path], typer.Option(help="Extra questions, one per line.")] = None,
     max_escape: Annotated[Optional[float], typer.Option(help="Highest escape rate allowed.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="p(NG) threshold of the main table.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass.")] = None,
+    gallery_size: Annotated[Optional[int], typer.Option(help="Most images shown with answers.")] = None,
     device: DeviceOpt = None,
     overwrite: OverwriteOpt = None,
     config: ConfigOpt = None,
@@ -241,6 +244,9 @@ def evaluate(
             out=_s(out),
             questions=_s(questions),
             max_escape=max_escape,
+            threshold=threshold,
+            batch_size=batch_size,
+            gallery_size=gallery_size,
             device=device,
             overwrite=overwrite,
         )
@@ -261,8 +267,6 @@ def serve(
     config: ConfigOpt = None,
 ) -> None:
     """Serve the model: REST inspection, OpenAI-compatible chat, operator web page."""
-    from vlm_inspect.serve.app import serve as run
-
     cfg = _run(
         lambda: cfgmod.build_config(
             cfgmod.ServeConfig,
@@ -277,7 +281,13 @@ def serve(
             device=device,
         )
     )
-    _run(lambda: run(cfg))
+
+    def go() -> None:
+        from vlm_inspect.serve.app import serve as run  # raises an install hint without the extra
+
+        run(cfg)
+
+    _run(go)
 
 
 @app.command(epilog=_epilog(cfgmod.DemoConfig))

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import json
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,7 @@ class Predictor:
         self.default_question = question or default_question()
         self.verdict_ids = verdict_token_ids(self.tokenizer)
         self.lock = threading.Lock()  # one user of the weights at a time (serve runs threads)
+        self._decoders: OrderedDict[tuple, GreedyDecoder] = OrderedDict()
 
     @classmethod
     def load(
@@ -155,12 +158,32 @@ class Predictor:
         max_new_tokens: int = 64,
         temperature: float = 0.0,
     ) -> list[str]:
-        """Answers to fully rendered prompts (see models.template.render_prompt)."""
+        """Answers to fully rendered prompts (see models.template.render_prompt).
+
+        Greedy answers come from `GreedyDecoder` (static KV cache; on a GPU one CUDA-graph replay per
+        token), which gives the same tokens as transformers' `generate`; sampling goes through `generate`.
+        """
         with self.lock:
             inputs = self._inputs(images, prompts)
-            ids = self.model.generate(**inputs, **self._sampling(max_new_tokens, temperature))
-        new = ids[:, inputs["input_ids"].shape[1] :]
+            if temperature > 0:
+                ids = self.model.generate(**inputs, **self._sampling(max_new_tokens, temperature))
+                new = ids[:, inputs["input_ids"].shape[1] :]
+            else:
+                new = self._decoder(inputs["input_ids"].shape, max_new_tokens).run(inputs, max_new_tokens)
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def _decoder(self, shape: torch.Size, max_new_tokens: int) -> GreedyDecoder:
+        """A decoder for this batch size and length bucket, kept for reuse (its CUDA graph is the costly part)."""
+        batch, length = shape
+        cache_len = -(-(length + max_new_tokens) // DECODE_LENGTH_STEP) * DECODE_LENGTH_STEP
+        key = (batch, cache_len, adapter_active(self.model))
+        if key not in self._decoders:
+            while len(self._decoders) >= MAX_DECODERS:  # each holds a KV cache: keep memory bounded
+                self._decoders.popitem(last=False)
+            eos = self.model.generation_config.eos_token_id
+            self._decoders[key] = GreedyDecoder(self.model, batch, cache_len, eos, self.tokenizer.pad_token_id)
+        self._decoders.move_to_end(key)
+        return self._decoders[key]
 
     def stream(
         self, image: Image.Image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0
@@ -171,14 +194,23 @@ class Predictor:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         inputs = self._inputs([image], [prompt])
 
+        failure: list[BaseException] = []
+
         def run() -> None:
-            with self.lock, torch.inference_mode():
-                self.model.generate(**inputs, streamer=streamer, **self._sampling(max_new_tokens, temperature))
+            try:
+                with self.lock, torch.inference_mode():
+                    self.model.generate(**inputs, streamer=streamer, **self._sampling(max_new_tokens, temperature))
+            except BaseException as err:  # handed to the consumer below instead of dying in this thread
+                failure.append(err)
+            finally:
+                streamer.end()  # a failed generate would otherwise leave the consumer waiting forever
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
         yield from (piece for piece in streamer if piece)
         worker.join()
+        if failure:
+            raise failure[0]
 
     def _sampling(self, max_new_tokens: int, temperature: float) -> dict[str, Any]:
         pad = self.tokenizer.pad_token_id
@@ -190,6 +222,136 @@ class Predictor:
                 "pad_token_id": pad,
             }
         return {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
+
+
+# Decoders are made per (batch, KV-cache length rounded up to this): prompts of similar length share one.
+DECODE_LENGTH_STEP = 64
+MAX_DECODERS = 2
+# Decoding checks for finished answers every this many tokens: each check waits for the GPU.
+EOS_CHECK_EVERY = 8
+
+
+def adapter_active(model: Any) -> bool:
+    """Whether LoRA layers are on (False inside `disable_adapter()`); True for a model without adapter."""
+    for module in model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "disable_adapters"):
+            return not module.disable_adapters
+    return True
+
+
+class GreedyDecoder:
+    """Greedy decoding for one batch size with a static KV cache.
+
+    Prefill is one forward of the full model; each new token is one step of the language model over
+    fixed-address buffers (token, position, slot, 4D mask built on the device), so on CUDA the step is
+    captured once as a CUDA graph and replayed: no per-layer Python or kernel-launch cost per token,
+    and no GPU-to-host wait except a finished-answers check every EOS_CHECK_EVERY tokens.
+    """
+
+    def __init__(self, model: Any, batch: int, cache_len: int, eos: int | list[int] | None, pad: int):
+        from transformers import StaticCache
+
+        self.llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.lm, self.head = self.llava.model.language_model, self.llava.lm_head
+        self.batch, self.cache_len, self.pad = batch, cache_len, pad
+        self.eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), dtype=torch.long)
+        self.cache = StaticCache(config=self.llava.config, max_cache_len=cache_len)
+        # transformers 5.24 renamed the cache argument (past_key_values → cache).
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
+        device, self.dtype = self.llava.device, self.head.weight.dtype
+        self.slots = torch.arange(cache_len, device=device)
+        self.allowed = torch.zeros(batch, cache_len, dtype=torch.bool, device=device)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros((), dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.use_graph = device.type == "cuda"
+
+    def run(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
+        """(batch, ≤ max_new_tokens) new token ids; after an end-of-sequence token, padding."""
+        if self.use_graph and self.graph is None:
+            self._capture(inputs)
+        tokens = [self._prefill(inputs)]
+        for index in range(1, max_new_tokens):
+            if index % EOS_CHECK_EVERY == 0 and self._all_finished(tokens):
+                break
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            tokens.append(self.token[:, 0].clone())
+        return self._cut_after_eos(torch.stack(tokens, 1))
+
+    def _prefill(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Run the prompts (images included) into the empty cache; the first new token."""
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        length = ids.shape[1]
+        self.cache.reset()
+        self.allowed.fill_(True)
+        self.allowed[:, :length] = mask
+        causal = self.slots[None, :] <= torch.arange(length, device=ids.device)[:, None]
+        keep = (self.allowed[:, None, :] & causal) | (
+            self.slots[None, :] == torch.arange(length, device=ids.device)[:, None]
+        )
+        position = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)
+        out = self.llava.model(
+            input_ids=ids,
+            pixel_values=inputs.get("pixel_values"),
+            attention_mask=self._additive(keep[:, None]),
+            position_ids=position,
+            use_cache=True,
+            **{self.cache_arg: self.cache},
+        )
+        first = self.head(out.last_hidden_state[:, -1]).argmax(-1)
+        self.token.copy_(first[:, None])
+        self.position.copy_(position[:, -1:] + 1)
+        self.slot.fill_(length)
+        return first
+
+    def _step(self) -> None:
+        """One token for every row: reads and advances only the fixed buffers (capturable)."""
+        visible = self.allowed & (self.slots <= self.slot)
+        out = self.lm(
+            inputs_embeds=self.lm.embed_tokens(self.token),
+            attention_mask=self._additive(visible[:, None, None, :]),
+            position_ids=self.position,
+            use_cache=True,
+            **{self.cache_arg: self.cache},
+        )
+        self.token.copy_(self.head(out.last_hidden_state[:, -1]).argmax(-1, keepdim=True))
+        self.position.add_(1)
+        self.slot.add_(1)
+
+    def _capture(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Warm the step up on a side stream, then record it; the cache is reset by the next prefill."""
+        self._prefill(inputs)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+
+    def _additive(self, keep: torch.Tensor) -> torch.Tensor:
+        """Boolean keep-mask → the additive float mask attention adds to its scores."""
+        zero = torch.zeros((), dtype=self.dtype, device=keep.device)
+        return torch.where(keep, zero, torch.finfo(self.dtype).min)
+
+    def _all_finished(self, tokens: list[torch.Tensor]) -> bool:
+        if not self.eos.numel():
+            return False
+        eos = self.eos.to(tokens[0].device)
+        return bool(torch.isin(torch.stack(tokens, 1), eos).any(1).all())
+
+    def _cut_after_eos(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.eos.numel():
+            return tokens
+        ended = torch.isin(tokens, self.eos.to(tokens.device)).long().cumsum(1)
+        after = (ended - torch.isin(tokens, self.eos.to(tokens.device)).long()) > 0
+        return tokens.masked_fill(after, self.pad)
 
 
 def verdict_token_ids(tokenizer: Any) -> tuple[list[int], list[int]]:

@@ -37,7 +37,7 @@ from rich.table import Table
 from vlm_inspect import __version__
 from vlm_inspect.config import PrepareConfig, save_config
 from vlm_inspect.data.images import load_image
-from vlm_inspect.data.llava_json import IMAGE_TOKEN, box_problems, read_llava_json
+from vlm_inspect.data.llava_json import IMAGE_TOKEN, defects_problems, read_llava_json
 from vlm_inspect.data.prompts import UNKNOWN_DEFECT, Prompts, load_prompts, location_word, parse_verdict
 from vlm_inspect.errors import ConfigError, DataError, OutputExistsError
 
@@ -485,22 +485,16 @@ def _read_sidecar_json(json_file: Path, image: LabeledImage) -> tuple[dict[str, 
 
 
 def _sidecar_defect_problems(defects: Any, image: LabeledImage) -> list[str]:
-    if not isinstance(defects, list):
-        return ["'defects' must be a list"]
-    if defects and image.label == "OK":
+    if isinstance(defects, list) and defects and image.label == "OK":
         return [f"lists defects but {image.path.name} is in an OK folder"]
-    problems = []
-    for i, defect in enumerate(defects):
-        if not isinstance(defect, dict):
-            problems.append(f"defects[{i}]: must be an object with 'type' and 'box'")
-            continue
-        if "type" in defect and not isinstance(defect["type"], str):
-            problems.append(f"defects[{i}]: 'type' must be a text")
-        box_issue = box_problems(defect.get("box"))
-        if not box_issue and (defect["box"][2] > image.width or defect["box"][3] > image.height):
-            box_issue = [f"'box' {defect['box']} reaches outside the {image.width}x{image.height} upright image"]
-        problems += [f"defects[{i}]: {p}" for p in box_issue]
-    return problems
+    problems = defects_problems(defects)
+    if problems:
+        return problems
+    return [
+        f"defects[{i}]: 'box' {d['box']} reaches outside the {image.width}x{image.height} upright image"
+        for i, d in enumerate(defects)
+        if d["box"][2] > image.width or d["box"][3] > image.height
+    ]
 
 
 def _add_mask_defects(image: LabeledImage, group: _Group, max_pixels: int) -> list[Skipped]:

@@ -59,7 +59,11 @@ class _Face:
 
 
 def make_box_photo(
-    rng: np.random.Generator, defect: str | None, size: int = 128, min_defect_frac: float = 0.06
+    rng: np.random.Generator,
+    defect: str | None,
+    size: int = 128,
+    min_defect_frac: float = 0.06,
+    station: bool = False,
 ) -> tuple[Image.Image, list[dict]]:
     """Render one photo of a white product box, with one defect or none.
 
@@ -72,6 +76,8 @@ def make_box_photo(
         size: Width and height of the square photo in pixels.
         min_defect_frac: Smallest defect size as a share of the box's mean side; sizes reach 2.5 times this.
             At the demo model's 64 px input a box spans about 35 px, so 0.06 keeps the smallest spot ~2 px wide.
+        station: Photos as an inspection station takes them: fixed camera over a dark belt, the box in roughly
+            the same place and pose, one product print, steady light. False varies the whole scene.
 
     Returns:
         The RGB photo and its defects: `[{"type": kind, "box": [x0, y0, x1, y1], "location": word}]` with
@@ -85,13 +91,13 @@ def make_box_photo(
     scene_rng, noise_rng, defect_rng = (np.random.default_rng(s) for s in rng.integers(0, 2**63, size=3))
     n = size * SUPERSAMPLE
 
-    background = _background(scene_rng, n)
-    face, depth = _box_pose(scene_rng, n)
+    background = _background(scene_rng, n, station)
+    face, depth = _box_pose(scene_rng, n, station)
     background = _cast_shadow(scene_rng, background, face, depth)
     image = Image.fromarray(background)
     _draw_box(scene_rng, image, face, depth)
-    print_zones = _draw_print(scene_rng, image, face)
-    light = _lighting(scene_rng, size)
+    print_zones = _draw_print(scene_rng, image, face, station)
+    light = _lighting(scene_rng, size, station)
 
     defects: list[dict] = []
     if defect is not None:
@@ -110,7 +116,13 @@ def describe_defect(defect: dict) -> str:
 
 
 def write_dataset_folders(
-    out: Path, n_ok: int, n_ng: int, seed: int, size: int = 128, min_defect_frac: float = 0.06
+    out: Path,
+    n_ok: int,
+    n_ng: int,
+    seed: int,
+    size: int = 128,
+    min_defect_frac: float = 0.06,
+    station: bool = False,
 ) -> Path:
     """Write synthetic OK and NG photos in the class-folder layout that `vlm-inspect prepare` reads.
 
@@ -126,6 +138,7 @@ def write_dataset_folders(
         seed: Seed for every photo.
         size: Photo width and height in pixels.
         min_defect_frac: Smallest defect size as a share of the box's mean side (see `make_box_photo`).
+        station: Inspection-station photos (see `make_box_photo`).
 
     Returns:
         `out`.
@@ -143,8 +156,8 @@ def write_dataset_folders(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        _write_ok(tmp, n_ok, seed, size)
-        _write_ng(tmp, n_ng, seed, size, min_defect_frac)
+        _write_ok(tmp, n_ok, seed, size, station)
+        _write_ng(tmp, n_ng, seed, size, min_defect_frac, station)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -160,22 +173,22 @@ def _photo_rng(seed: int, label: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, sum(label.encode()), len(label), index])
 
 
-def _write_ok(root: Path, n_ok: int, seed: int, size: int) -> None:
+def _write_ok(root: Path, n_ok: int, seed: int, size: int, station: bool) -> None:
     folder = root / "ok"
     folder.mkdir()
     for i in range(n_ok):
-        image, _ = make_box_photo(_photo_rng(seed, "ok", i), None, size)
+        image, _ = make_box_photo(_photo_rng(seed, "ok", i), None, size, station=station)
         image.save(folder / f"ok_{i:04d}.png")
 
 
-def _write_ng(root: Path, n_ng: int, seed: int, size: int, min_defect_frac: float) -> None:
+def _write_ng(root: Path, n_ng: int, seed: int, size: int, min_defect_frac: float, station: bool) -> None:
     counts = dict.fromkeys(DEFECT_KINDS, 0)
     for i in range(n_ng):
         kind = DEFECT_KINDS[i % len(DEFECT_KINDS)]
         folder = root / "ng" / kind
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"{kind}_{counts[kind]:04d}"
-        image, defects = make_box_photo(_photo_rng(seed, kind, counts[kind]), kind, size, min_defect_frac)
+        image, defects = make_box_photo(_photo_rng(seed, kind, counts[kind]), kind, size, min_defect_frac, station)
         image.save(folder / f"{stem}.png")
         sidecar = {
             "description": "; ".join(describe_defect(d) for d in defects),
@@ -207,8 +220,9 @@ def _smooth_noise(rng: np.random.Generator, n: int, cells: int) -> np.ndarray:
     return big / 127.5 - 1.0
 
 
-def _background(rng: np.random.Generator, n: int) -> np.ndarray:
+def _background(rng: np.random.Generator, n: int, station: bool = False) -> np.ndarray:
     kind = rng.choice(["dark", "grey", "wood", "table"], p=[0.25, 0.25, 0.3, 0.2])
+    kind = "dark" if station else kind  # a station's belt
     if kind == "wood":
         base = np.array([rng.uniform(120, 175), rng.uniform(80, 115), rng.uniform(45, 70)], np.float32)
         # Grain: noise stretched along one axis (long streaks), plus a few broad rings.
@@ -229,11 +243,12 @@ def _background(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.clip(base * (shade + texture)[..., None], 0, 255).astype(np.uint8)
 
 
-def _box_pose(rng: np.random.Generator, n: int) -> tuple[_Face, np.ndarray]:
+def _box_pose(rng: np.random.Generator, n: int, station: bool = False) -> tuple[_Face, np.ndarray]:
     """Where the printed face lies, and the image offset of the box's bottom edge (the visible side's depth)."""
-    width = rng.uniform(0.45, 0.68) * n
-    height = width * rng.uniform(0.6, 0.95)
-    keystone = rng.uniform(-0.06, 0.06)  # slight perspective: one end of the face drawn narrower
+    # A station's fixture holds the box nearly in place: same size, small shifts and turns.
+    width = rng.uniform(0.64, 0.68) * n if station else rng.uniform(0.45, 0.68) * n
+    height = width * (rng.uniform(0.74, 0.78) if station else rng.uniform(0.6, 0.95))
+    keystone = rng.uniform(-0.06, 0.06) * (0.2 if station else 1)  # slight perspective: one end drawn narrower
     half_w, half_h = width / 2, height / 2
     local = np.array(
         [
@@ -243,14 +258,16 @@ def _box_pose(rng: np.random.Generator, n: int) -> tuple[_Face, np.ndarray]:
             [-half_w * (1 + keystone), half_h],
         ]
     )
-    angle = np.deg2rad(rng.uniform(-15, 15))
+    angle = np.deg2rad(rng.uniform(-3, 3) if station else rng.uniform(-15, 15))
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     corners = local @ rotation.T
     depth = np.array([rng.uniform(-0.06, 0.06), rng.uniform(0.05, 0.13)]) * width
     # Keep the whole box (face and side) inside the photo with a margin.
     extent = np.vstack([corners, corners + depth])
     low, high = -extent.min(axis=0) + 0.04 * n, n - extent.max(axis=0) - 0.04 * n
-    centre = rng.uniform(low, np.maximum(high, low + 1e-3))
+    middle = (low + np.maximum(high, low + 1e-3)) / 2
+    spread = (np.maximum(high, low + 1e-3) - low) / 2 * (0.25 if station else 1)
+    centre = rng.uniform(middle - spread, middle + spread)
     corners = corners + centre
     return _Face(*corners, width=width, height=height), depth
 
@@ -310,7 +327,9 @@ def _rgb(color: np.ndarray | tuple[float, ...]) -> tuple[int, int, int]:
 _INKS = [(30, 45, 120), (170, 30, 35), (25, 25, 25), (20, 110, 60)]
 
 
-def _draw_print(rng: np.random.Generator, image: Image.Image, face: _Face) -> list[tuple[float, float, float, float]]:
+def _draw_print(
+    rng: np.random.Generator, image: Image.Image, face: _Face, station: bool = False
+) -> list[tuple[float, float, float, float]]:
     """The product's print: one design (logo, name, text lines, barcode) with small placement jitter.
 
     A factory inspects one product, so the print keeps its layout; its dark ink is why "dark pixels" alone
@@ -318,6 +337,7 @@ def _draw_print(rng: np.random.Generator, image: Image.Image, face: _Face) -> li
     """
     draw = ImageDraw.Draw(image)
     ink = _INKS[int(rng.integers(len(_INKS)))]
+    ink = _INKS[0] if station else ink  # a station inspects one product
     du, dv = rng.uniform(-0.03, 0.03, size=2)
     zones = []
 
@@ -363,13 +383,15 @@ def _ellipse_uv(cu: float, cv: float, ru: float, rv: float, k: int, wobble: np.n
     return [(cu + ru * s * np.cos(a), cv + rv * s * np.sin(a)) for a, s in zip(angles, scale, strict=True)]
 
 
-def _lighting(rng: np.random.Generator, n: int) -> np.ndarray:
+def _lighting(rng: np.random.Generator, n: int, station: bool = False) -> np.ndarray:
     """A multiplicative light field: a linear gradient in a random direction, a soft vignette, a colour cast."""
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / n - 0.5
     angle = rng.uniform(0, 2 * np.pi)
     gradient = 1.0 + rng.uniform(0.05, 0.25) * (xx * np.cos(angle) + yy * np.sin(angle)) * 2
     vignette = 1.0 - rng.uniform(0.0, 0.25) * (xx**2 + yy**2) * 2
     level = rng.uniform(0.8, 1.05)
+    if station:  # controlled light: the gradient and vignette mostly flattened
+        gradient, vignette, level = 1 + (gradient - 1) * 0.3, 1 + (vignette - 1) * 0.3, 0.95
     cast = rng.uniform(0.96, 1.04, size=3).astype(np.float32)
     return (level * gradient * vignette)[..., None] * cast
 

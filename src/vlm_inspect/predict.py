@@ -115,7 +115,11 @@ class Predictor:
     def _inputs(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         mean = self.processor.image_processor.image_mean
         squared = [square_image(im.convert("RGB"), mean, self.image_aspect) for im in images]
-        inputs = self.processor(images=squared, text=list(prompts), return_tensors="pt", padding=True)
+        # The torchvision image processor resizes and normalises on the GPU when given the device:
+        # on the CPU that takes a quarter of a 7B scoring pass.
+        on_gpu = self.device.type == "cuda" and _resizes_with_torch(self.processor.image_processor)
+        extra = {"device": self.device} if on_gpu else {}
+        inputs = self.processor(images=squared, text=list(prompts), return_tensors="pt", padding=True, **extra)
         dtype = next(self.model.parameters()).dtype
         return {k: (v.to(self.device, dtype) if k == "pixel_values" else v.to(self.device)) for k, v in inputs.items()}
 
@@ -231,6 +235,11 @@ MAX_DECODERS = 2
 EOS_CHECK_EVERY = 8
 
 
+def _resizes_with_torch(image_processor: Any) -> bool:
+    """Whether the image processor is transformers' torchvision one (it takes a `device`)."""
+    return any(cls.__name__ == "TorchvisionBackend" for cls in type(image_processor).__mro__)
+
+
 def adapter_active(model: Any) -> bool:
     """Whether LoRA layers are on (False inside `disable_adapter()`); True for a model without adapter."""
     for module in model.modules():
@@ -266,6 +275,9 @@ class GreedyDecoder:
         self.slot = torch.zeros((), dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.use_graph = device.type == "cuda"
+        # Compiled, the step's ~40 small kernels per layer (norms, rotary, SiLU, LoRA adds) fuse into a few:
+        # at batch 8 that halves the time per token. Compiling takes ~30 s once per batch size and length.
+        self.step = torch.compile(self._step, dynamic=False) if self.use_graph else self._step
 
     def run(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
         """(batch, ≤ max_new_tokens) new token ids; after an end-of-sequence token, padding."""
@@ -278,7 +290,7 @@ class GreedyDecoder:
             if self.graph is not None:
                 self.graph.replay()
             else:
-                self._step()
+                self.step()
             tokens.append(self.token[:, 0].clone())
         return self._cut_after_eos(torch.stack(tokens, 1))
 
@@ -328,12 +340,12 @@ class GreedyDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step()
+            for _ in range(3):
+                self.step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self._step()
+            self.step()
 
     def _additive(self, keep: torch.Tensor) -> torch.Tensor:
         """Boolean keep-mask → the additive float mask attention adds to its scores."""

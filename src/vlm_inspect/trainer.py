@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from vlm_inspect.config import TrainConfig
-from vlm_inspect.errors import ConfigError
+from vlm_inspect.data.dataset import IGNORE_INDEX
+from vlm_inspect.errors import ConfigError, VlmInspectError
 from vlm_inspect.models.load import load_model
 from vlm_inspect.train import (
     ADAPTER_DIR,
@@ -28,9 +33,16 @@ from vlm_inspect.train import (
 )
 
 console = Console()
+# Grow CUDA memory segments instead of adding fixed blocks: less fragmentation, so the memory plan holds.
+# Read when CUDA makes its first allocation, which comes after this import in `train`.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 # ------------------------------------------------------------------ model
+
+# Module-name prefixes bitsandbytes must leave in bf16. transformers matches skip patterns from the start
+# of the full module name, so the short names ("multi_modal_projector") alone leave these quantized.
+QLORA_KEEP_UNQUANTIZED = ["model.vision_tower", "model.multi_modal_projector", "vision_tower", PROJECTOR, "lm_head"]
 
 
 def build_model(cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> tuple[Any, int]:
@@ -39,26 +51,49 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> t
     if cfg.method == "qlora" and device.type != "cuda":
         raise ConfigError(["method: qlora needs a CUDA GPU (bitsandbytes 4-bit); use method=lora on this machine"])
     model = load_model(cfg.model, dtype=dtype, device=device, quantization_config=quant)
-    model.config.use_cache = False
+    if quant is not None:
+        check_vision_and_projector_unquantized(model, cfg.model)
+    # No KV cache in training; the text config is what the language model reads (a cache there costs
+    # memory and makes compiled layers recompile for every layer index).
+    model.config.use_cache = model.config.get_text_config().use_cache = False
     model.requires_grad_(False)
     if cfg.method == "full":
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
         model.model.multi_modal_projector.requires_grad_(cfg.train_projector)
+        model.model.vision_tower.requires_grad_(getattr(cfg, "train_vision_tower", False))
     else:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=LORA_TARGETS,
-            modules_to_save=[PROJECTOR] if cfg.train_projector else None,
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
+        model = apply_lora(model, cfg)
+        if cfg.method == "qlora":
+            keep_adapter_in(model, dtype)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model, trainable
+
+
+def apply_lora(model: Any, cfg: TrainConfig) -> Any:
+    """PEFT LoRA on every language-model linear layer, the projector trained fully beside it."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=LORA_TARGETS,
+        modules_to_save=[PROJECTOR] if cfg.train_projector else None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def keep_adapter_in(model: Any, dtype: torch.dtype) -> None:
+    """Trainable weights (LoRA, projector) in the compute dtype, so gradients and AdamW moments are too.
+
+    For QLoRA: the fp32 copies PEFT makes (16 bytes per LoRA weight with gradient and moments) cost more
+    than the 4-bit base itself; in bf16 they take half. The LoRA matmuls run in bf16 either way.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def _qlora_config(dtype: torch.dtype) -> Any:
@@ -73,50 +108,171 @@ def _qlora_config(dtype: torch.dtype) -> Any:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
-        llm_int8_skip_modules=["vision_tower", PROJECTOR, "lm_head"],
+        llm_int8_skip_modules=QLORA_KEEP_UNQUANTIZED,
     )
+
+
+def check_vision_and_projector_unquantized(model: Any, folder: Any) -> None:
+    """Raise if bitsandbytes quantized any vision-tower or projector weight (the projector must train)."""
+    inner = model.model
+    quantized = [
+        f"{part}.{name}"
+        for part in ("vision_tower", PROJECTOR)
+        for name, p in getattr(inner, part).named_parameters()
+        if not p.dtype.is_floating_point
+    ]
+    if quantized:
+        raise VlmInspectError(
+            f"{folder}: bitsandbytes quantized {len(quantized)} weights that must stay in 16 bits "
+            f"(e.g. {quantized[0]}); this transformers/bitsandbytes pair ignores the skip list"
+        )
+
+
+# ------------------------------------------------------------------ speed
+
+
+def language_layers(model: Any) -> Any:
+    """The decoder layers of the language model, through a PEFT wrapper if there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.language_model.layers
+
+
+def apply_checkpointing(model: Any, checkpointing: Checkpointing) -> None:
+    """Recompute the activations of the first `checkpointing.layers` decoder layers in the backward pass.
+
+    Fewer recomputed layers is faster (each one costs an extra forward); the memory plan picks the fewest
+    that fit. Non-reentrant checkpointing, so LoRA weights inside a layer get their gradients.
+    """
+    if not checkpointing:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    enable()  # defaults to use_reentrant=False in transformers 5
+    for index, layer in enumerate(language_layers(model)):
+        layer.gradient_checkpointing = index < checkpointing.layers
+
+
+def compile_layers(model: Any) -> None:
+    """torch.compile each decoder layer (one graph shared by all): fuses norms, rotary, SiLU and LoRA adds."""
+    for layer in language_layers(model):
+        layer.compile(dynamic=None)
+
+
+def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether to compile the layers: the setting, or by default on CUDA for LoRA and full training in one
+    process or under DDP. Off on CPU (compiling costs more than it saves there), for 4-bit layers and
+    under ZeRO/FSDP, whose parameter hooks compiled graphs do not follow."""
+    wanted = getattr(cfg, "compile", None)
+    if wanted is not None:
+        return bool(wanted)
+    return device.type == "cuda" and cfg.method != "qlora" and cfg.distributed in (None, "ddp")
 
 
 # ------------------------------------------------------------------ memory plan
 
 
-def estimate_memory_gib(model: Any, batch: int, seq: int, checkpointing: bool) -> float:
-    """Rough peak GPU memory: weights, trainable states (fp32 param + grad + Adam), activations, logits."""
+@dataclass(frozen=True)
+class Checkpointing:
+    """How many decoder layers recompute their activations in the backward pass (0: none)."""
+
+    layers: int
+    total: int
+    estimate_gib: float | None = None
+    """The memory plan's estimate of the peak, on a GPU."""
+    budget_gib: float | None = None
+    """The memory the plan had to fit in, on a GPU."""
+
+    def __bool__(self) -> bool:
+        return self.layers > 0
+
+    def __str__(self) -> str:
+        if self.layers == 0:
+            return "off"
+        return "on (all layers)" if self.layers >= self.total else f"on ({self.layers} of {self.total} layers)"
+
+
+# Bytes per token of activations, fitted to peaks measured by benchmarks/gpu.py on an H100 (LLaVA-1.5-7B
+# shape, compiled layers, 640-token samples; fits batch 8 and 16 with 0, 16 and 32 recomputed layers within
+# 0.3 GiB): a layer that is not recomputed keeps 15·hidden + 6.95·intermediate bytes per token (the inputs of
+# its LoRA matmuls, attention and SwiGLU); a recomputed one keeps its 2·hidden-byte input; the backward's
+# transient buffers, the image features and the loss add 89.5·hidden.
+ACT_PER_HIDDEN, ACT_PER_FFN = 15.0, 6.95
+ACT_OUTSIDE_LAYERS = 89.5
+# cuBLAS workspaces and the allocator's rounding beyond what the fit covers.
+OVERHEAD_GIB = 0.3
+# Share of the free GPU memory the plan fills: the rest absorbs fragmentation and estimate error.
+MEMORY_SHARE = 0.95
+
+
+def estimate_memory_gib(model: Any, batch: int, seq: int, checkpointing: bool | int | Checkpointing) -> float:
+    """Peak GPU memory of a training step (what torch reports as max allocated).
+
+    weights + Adam moments + activations or gradients, whichever is larger: a checkpointed layer
+    keeps only its input, the others keep everything their backward needs (see the constants above).
+    """
     text = model.config.text_config if hasattr(model.config, "text_config") else model.config
-    h, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
-    heads = text.num_attention_heads
+    h, ffn, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    if isinstance(checkpointing, Checkpointing):
+        recomputed = checkpointing.layers
+    else:
+        recomputed = layers if checkpointing is True else int(checkpointing)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    states = trainable * 16
-    if checkpointing:  # layer inputs kept, one layer recomputed at a time
-        acts = batch * (layers * seq * h * 2 + 34 * seq * h + 5 * heads * seq * seq)
-    else:  # Korthikanti et al.: ~34·s·h + 5·a·s² bytes per layer in 16-bit
-        acts = batch * layers * (34 * seq * h + 5 * heads * seq * seq)
-    logits = batch * seq * vocab * 4 * 2
-    return (weights + states + acts + logits) / 2**30
+    # AdamW's two moments and the gradients, in the parameter's dtype (fp32 LoRA, bf16 projector copy).
+    # Gradients appear as the backward frees activations, so the peak holds one or the other.
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    moments, grads = 2 * trainable, trainable
+    tokens = batch * seq
+    full_layer = tokens * (ACT_PER_HIDDEN * h + ACT_PER_FFN * ffn)
+    acts = (layers - recomputed) * full_layer + recomputed * tokens * 2 * h + tokens * ACT_OUTSIDE_LAYERS * h
+    return (weights + moments + max(acts, grads)) / 2**30 + OVERHEAD_GIB
 
 
-def choose_batch_size(cfg: TrainConfig, model: Any, dataset: Any, device: torch.device) -> tuple[int, bool]:
-    """Batch size and activation checkpointing: the user's, or what fits the device memory."""
+def gpu_memory_gib(device: torch.device) -> float:
+    """Memory this process can give to tensors: the card's total less the CUDA context and other users."""
+    free, total = torch.cuda.mem_get_info(device)
+    in_use_by_us = torch.cuda.memory_reserved(device)
+    context = 0.5 * 2**30
+    return (min(total - context, free + in_use_by_us)) / 2**30
+
+
+def choose_batch_size(cfg: TrainConfig, model: Any, dataset: Any, device: torch.device) -> tuple[int, Checkpointing]:
+    """Batch size and activation checkpointing: the user's, or what fits the device memory.
+
+    The largest batch of 8, 4, 2, 1 (at most the number of samples) that fits, with as few checkpointed
+    layers as fit: each recomputed layer costs a third more of that layer's work.
+    """
+    layers = language_layers(model)
+    total = len(layers)
     seq = max(len(t.input_ids) for t in dataset.tokens)
+    if cfg.gradient_checkpointing is None:
+        options = list(range(total + 1))
+    else:
+        options = [total if cfg.gradient_checkpointing else 0]
     if device.type != "cuda":
-        return cfg.batch_size or min(8, len(dataset)), bool(cfg.gradient_checkpointing)
-    budget = 0.9 * torch.cuda.get_device_properties(device).total_memory / 2**30
-    options = [False, True] if cfg.gradient_checkpointing is None else [cfg.gradient_checkpointing]
-    sizes = [cfg.batch_size] if cfg.batch_size else [8, 4, 2, 1]
-    for checkpointing in options:
-        for batch in sizes:
-            if estimate_memory_gib(model, batch, seq, checkpointing) <= budget:
-                return batch, checkpointing
-    return sizes[-1], options[-1]
+        return cfg.batch_size or min(8, len(dataset)), Checkpointing(total if cfg.gradient_checkpointing else 0, total)
+    budget = MEMORY_SHARE * gpu_memory_gib(device)
+    sizes = [cfg.batch_size] if cfg.batch_size else [b for b in (8, 4, 2, 1) if b <= len(dataset)] or [1]
+    for batch in sizes:
+        for recomputed in options:
+            estimate = estimate_memory_gib(model, batch, seq, recomputed)
+            if estimate <= budget:
+                return batch, Checkpointing(recomputed, total, estimate, budget)
+    estimate = estimate_memory_gib(model, sizes[-1], seq, options[-1])
+    console.print(f"[yellow]the memory estimate ({estimate:.1f} GiB) exceeds this GPU's {budget:.1f} GiB[/]")
+    return sizes[-1], Checkpointing(options[-1], total, estimate, budget)
 
 
 def print_plan(
-    cfg: TrainConfig, plan: Plan, trainable: int, model: Any, device: Any, dtype: Any, checkpointing: bool
+    cfg: TrainConfig,
+    plan: Plan,
+    trainable: int,
+    model: Any,
+    device: Any,
+    dtype: Any,
+    checkpointing: Checkpointing,
 ) -> None:
     """The run's plan as a table, before any step."""
     total = sum(p.numel() for p in model.parameters())
-    seq_note = ""
     table = Table(title=f"Training plan: {cfg.method} on {device} ({str(dtype).removeprefix('torch.')})")
     table.add_column("item")
     table.add_column("value", justify="right")
@@ -130,11 +286,12 @@ def print_plan(
         ("warmup steps (lr never 0)", plan.warmup_steps),
         ("learning rate / projector", f"{cfg.lr:g} / {cfg.projector_lr:g}"),
         ("trainable parameters", f"{trainable:,} ({100 * trainable / max(total, 1):.2f}%)"),
-        ("activation checkpointing", "on" if checkpointing else "off"),
-        ("checkpoint every", f"{plan.save_steps} steps{seq_note}"),
+        ("activation checkpointing", str(checkpointing)),
+        ("compiled layers", "yes" if use_compile(cfg, torch.device(device)) else "no"),
+        ("checkpoint every", f"{plan.save_steps} steps"),
     ]
-    if device.type == "cuda":
-        rows.append(("memory estimate", f"{estimate_memory_gib(model, plan.batch_size, 640, checkpointing):.1f} GiB"))
+    if checkpointing.estimate_gib is not None:
+        rows.append(("memory estimate", f"{checkpointing.estimate_gib:.1f} GiB of {checkpointing.budget_gib:.1f}"))
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)
@@ -144,12 +301,28 @@ def print_plan(
 
 
 class InspectTrainer(Trainer):
-    """The stock Trainer with two changes: the projector has its own learning rate, and the
-    schedule's warmup never gives a step at lr 0 (LLaVA's recipe does on tiny data)."""
+    """The stock Trainer with three changes: the projector has its own learning rate, the schedule's warmup
+    never gives a step at lr 0 (LLaVA's recipe does on tiny data), and the language-model head and
+    cross-entropy run only on the supervised answer tokens.
+
+    The loss is the stock one (sum of token cross-entropies in fp32 over the tokens of the whole
+    accumulated batch); only the logits of the ~600 image and question tokens per sample, which the loss
+    ignores, are never computed: they cost a vocab-wide matmul and a float32 copy of (tokens × vocab).
+    """
 
     def __init__(self, *args: Any, projector_lr: float, scheduler_kind: str, warmup_steps: int, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, compute_loss_func=supervised_token_loss, **kwargs)
         self.projector_lr, self.scheduler_kind, self.warmup = projector_lr, scheduler_kind, warmup_steps
+        # The token count reaches the loss function, not the model: a changing count passed into compiled
+        # layers would recompile them.
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        with logits_only_at(head, supervised_positions(inputs["labels"])):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -171,6 +344,36 @@ class InspectTrainer(Trainer):
                 optimizer or self.optimizer, lambda step: lr_factor(step, warmup, num_training_steps, kind)
             )
         return self.lr_scheduler
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) mask of the positions whose next token is supervised: where the LM head is needed."""
+    return F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
+
+
+@contextlib.contextmanager
+def logits_only_at(head: torch.nn.Module, positions: torch.Tensor) -> Iterator[None]:
+    """Inside, `head` sees only the hidden states at `positions`: logits come out as (count, vocab)."""
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][positions], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def supervised_token_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    """transformers' causal-LM loss on logits already cut to the supervised positions (`logits_only_at`).
+
+    Sum of fp32 cross-entropies divided by the supervised-token count of the whole accumulated batch,
+    as the stock loss does when the Trainer passes that count.
+    """
+    shifted = labels[:, 1:]
+    targets = shifted[shifted != IGNORE_INDEX].to(outputs.logits.device)
+    loss = F.cross_entropy(outputs.logits.float(), targets, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+    if torch.is_tensor(count):
+        count = count.to(loss.device)
+    return loss / count
 
 
 class MetricsFile(TrainerCallback):
@@ -232,11 +435,21 @@ def build_trainer(
     collator: Any,
     plan: Plan,
     dtype: torch.dtype,
-    checkpointing: bool,
+    checkpointing: Checkpointing | bool,
     resume_from: Path | None,
 ) -> InspectTrainer:
-    """A Trainer set up from the plan; tensorboard or wandb only when asked for."""
+    """A Trainer set up from the plan; tensorboard or wandb only when asked for.
+
+    Checkpointing and compiling are applied to the model here (not through TrainingArguments, which
+    knows only all layers or none).
+    """
     on_gpu = torch.cuda.is_available()
+    if not isinstance(checkpointing, Checkpointing):
+        total = len(language_layers(model))
+        checkpointing = Checkpointing(total if checkpointing else 0, total)
+    apply_checkpointing(model, checkpointing)
+    if use_compile(cfg, next(model.parameters()).device):
+        compile_layers(model)
     if cfg.report_to == "tensorboard":
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run / "tensorboard"))
     args = TrainingArguments(
@@ -256,10 +469,9 @@ def build_trainer(
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
-        dataloader_num_workers=cfg.num_workers,
+        dataloader_num_workers=(4 if on_gpu else 0) if cfg.num_workers is None else cfg.num_workers,
         remove_unused_columns=False,
-        gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        optim="adamw_torch_fused",  # one kernel per parameter group instead of a loop over tensors
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )

@@ -194,3 +194,21 @@ def test_two_processes_match_one_at_equal_global_batch(tmp_path: Path, tiny_mode
     b = load_file(two / "adapter" / "adapter_model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=5e-2, atol=5e-3, msg=key)
+
+
+def test_qlora_without_cuda_is_a_clear_error(tiny_model_dir: Path, spot_dataset: Path, tmp_path: Path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = TrainConfig(model=str(tiny_model_dir), data=str(spot_dataset), out=str(tmp_path / "q"), method="qlora")
+    with pytest.raises(ConfigError, match="qlora needs a CUDA GPU"):
+        train(cfg)
+
+
+def test_tensorboard_only_when_asked(tiny_model_dir: Path, spot_dataset: Path, tmp_path: Path):
+    pytest.importorskip("tensorboard")
+    common = ["--model", str(tiny_model_dir), "--data", str(spot_dataset), "min_steps=2", "lora_r=4", "lora_alpha=8"]
+    run_cli("--out", str(tmp_path / "tb"), "--report-to", "tensorboard", *common)
+    assert list((tmp_path / "tb" / "tensorboard").rglob("events.out.tfevents.*"))
+    run_cli("--out", str(tmp_path / "plain"), *common)
+    assert not (tmp_path / "plain" / "tensorboard").exists()
+    assert (tmp_path / "plain" / "metrics.jsonl").exists()

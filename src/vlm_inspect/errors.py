@@ -27,7 +27,3 @@ class DataError(VlmInspectError):
 
 class OutputExistsError(VlmInspectError):
     """An output folder or file exists and overwriting was not asked for."""
-
-
-class NotBuiltError(VlmInspectError):
-    """A verb that this version does not provide yet."""

@@ -50,12 +50,20 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"save_fraction: {cfg.save_fraction} is not in (0, 1]")
     if cfg.gpus is not None and not all(g.strip().isdigit() for g in cfg.gpus.split(",")):
         problems.append(f"gpus: {cfg.gpus!r} is not a comma-separated list of GPU ids like 0,2")
+    if cfg.method == "qlora" and not _cuda_available():
+        problems.append("method: qlora needs a CUDA GPU (bitsandbytes 4-bit); use method=lora on this machine")
     if cfg.train_vision_tower and cfg.method != "full":
         problems.append("train_vision_tower needs method=full")
     if cfg.resume and cfg.overwrite:
         problems.append("resume and overwrite contradict each other; pick one")
     if problems:
         raise ConfigError(problems)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def train(cfg: TrainConfig) -> Path:

@@ -50,20 +50,12 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"save_fraction: {cfg.save_fraction} is not in (0, 1]")
     if cfg.gpus is not None and not all(g.strip().isdigit() for g in cfg.gpus.split(",")):
         problems.append(f"gpus: {cfg.gpus!r} is not a comma-separated list of GPU ids like 0,2")
-    if cfg.method == "qlora" and not _cuda_available():
-        problems.append("method: qlora needs a CUDA GPU (bitsandbytes 4-bit); use method=lora on this machine")
     if cfg.train_vision_tower and cfg.method != "full":
         problems.append("train_vision_tower needs method=full")
     if cfg.resume and cfg.overwrite:
         problems.append("resume and overwrite contradict each other; pick one")
     if problems:
         raise ConfigError(problems)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -77,10 +69,18 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.distributed and "LOCAL_RANK" not in os.environ:
         prepare_run_folder(cfg, run)
         return launch_distributed(cfg, run)
+    select_gpus(cfg.gpus)  # before anything asks CUDA about devices
+    if cfg.method == "qlora" and not _cuda_available():
+        raise ConfigError(["method: qlora needs a CUDA GPU (bitsandbytes 4-bit); use method=lora on this machine"])
     if "LOCAL_RANK" not in os.environ:
         prepare_run_folder(cfg, run)
-    select_gpus(cfg.gpus)
     return _train_in_process(cfg, run)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def prepare_run_folder(cfg: TrainConfig, run: Path) -> None:

@@ -22,6 +22,7 @@ from vlm_inspect.merge import merge, probe_inputs
 from vlm_inspect.models.adapter import attach_adapter
 from vlm_inspect.models.load import load_model
 from vlm_inspect.models.template import render_prompt
+from vlm_inspect.trainer import QLORA_KEEP_UNQUANTIZED
 
 LANGUAGE_LINEARS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 QUESTION = "Is the box OK or defective?"
@@ -213,7 +214,7 @@ def test_qlora_adapter_merges_onto_the_unquantized_base_on_gpu(tmp_path: Path, t
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=torch.bfloat16,
-        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+        llm_int8_skip_modules=QLORA_KEEP_UNQUANTIZED,  # full-path prefixes keep the projector in bf16
     )
     base4 = load_model(tiny_model_dir, dtype="bf16", device="cuda", quantization_config=quantized)
     assert any(type(m).__name__ == "Linear4bit" for m in base4.modules())

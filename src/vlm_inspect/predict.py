@@ -168,12 +168,17 @@ class Predictor:
         token), which gives the same tokens as transformers' `generate`; sampling goes through `generate`.
         """
         with self.lock:
-            inputs = self._inputs(images, prompts)
             if temperature > 0:
+                inputs = self._inputs(images, prompts)
                 ids = self.model.generate(**inputs, **self._sampling(max_new_tokens, temperature))
                 new = ids[:, inputs["input_ids"].shape[1] :]
             else:
-                new = self._decoder(inputs["input_ids"].shape, max_new_tokens).run(inputs, max_new_tokens)
+                # Batches are padded to a power of two with copies of the last row: a server's changing
+                # batch sizes then need only a few decoders (each compiles and holds a KV cache).
+                extra = (1 << (len(images) - 1).bit_length()) - len(images)
+                inputs = self._inputs([*images, *[images[-1]] * extra], [*prompts, *[prompts[-1]] * extra])
+                decoder = self._decoder(inputs["input_ids"].shape, max_new_tokens)
+                new = decoder.run(inputs, max_new_tokens)[: len(images)]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     def _decoder(self, shape: torch.Size, max_new_tokens: int) -> GreedyDecoder:
@@ -230,7 +235,7 @@ class Predictor:
 
 # Decoders are made per (batch, KV-cache length rounded up to this): prompts of similar length share one.
 DECODE_LENGTH_STEP = 64
-MAX_DECODERS = 2
+MAX_DECODERS = 3
 # Decoding checks for finished answers every this many tokens: each check waits for the GPU.
 EOS_CHECK_EVERY = 8
 

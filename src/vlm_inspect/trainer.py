@@ -159,13 +159,13 @@ def compile_layers(model: Any) -> None:
 
 
 def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether to compile the layers: the setting, or by default on CUDA for LoRA and full training in one
-    process or under DDP. Off on CPU (compiling costs more than it saves there), for 4-bit layers and
-    under ZeRO/FSDP, whose parameter hooks compiled graphs do not follow."""
+    """Whether to compile the layers: the setting, or by default on CUDA in one process or under DDP
+    (measured on an H100: LoRA 1.5×, QLoRA 1.2× samples/s). Off on CPU, where compiling costs more than
+    it saves, and under ZeRO/FSDP, whose parameter hooks compiled graphs do not follow."""
     wanted = getattr(cfg, "compile", None)
     if wanted is not None:
         return bool(wanted)
-    return device.type == "cuda" and cfg.method != "qlora" and cfg.distributed in (None, "ddp")
+    return device.type == "cuda" and cfg.distributed in (None, "ddp")
 
 
 # ------------------------------------------------------------------ memory plan
@@ -200,8 +200,10 @@ ACT_PER_HIDDEN, ACT_PER_FFN = 15.0, 6.95
 ACT_OUTSIDE_LAYERS = 89.5
 # cuBLAS workspaces and the allocator's rounding beyond what the fit covers.
 OVERHEAD_GIB = 0.3
-# Share of the free GPU memory the plan fills: the rest absorbs fragmentation and estimate error.
-MEMORY_SHARE = 0.95
+# Share of the free GPU memory the plan fills: the rest absorbs fragmentation and estimate error. Near the
+# limit the allocator frees and retries (measured: 30 of 32 recomputed layers at 95% ran slower than 32 of
+# 32 with room to spare), and leaving a layer un-recomputed saves only ~1/96 of a step.
+MEMORY_SHARE = 0.9
 
 
 def estimate_memory_gib(model: Any, batch: int, seq: int, checkpointing: bool | int | Checkpointing) -> float:

@@ -1,0 +1,920 @@
+"""Speed and memory of LoRA/QLoRA training and OK/NG inference on the LLaVA-1.5-7B shape (issue 10).
+
+Builds LLaVA-1.5-7B's shape (CLIP ViT-L/14-336 + 32-layer 4096-wide Llama, 32064 vocab) with random
+bf16 weights straight on the GPU; samples are 576 image + 64 text tokens. In one run it measures:
+
+- plain: what a transformers + PEFT user runs with the original LLaVA-1.5 LoRA recipe (r 128, alpha 256,
+  dropout 0.05 on all LM linears, projector trained, gradient checkpointing, stock Trainer and
+  AdamW; stock `model(...)` / `model.generate(...)` for inference);
+- peer: the best stock setup (Liger kernels when the liger-kernel package is there, LoRA dropout 0,
+  fused AdamW; `generate` with a static KV cache, which transformers compiles);
+- ours: vlm-inspect's own code: `apply_lora` + `choose_batch_size` + `build_trainer` (InspectTrainer)
+  on our dataset and collator, and `Predictor.score` / `Predictor.describe`.
+
+Run on the GPU machine (the package need not be installed):
+    PYTHONPATH=src python benchmarks/gpu.py --only train --out benchmarks/results/h100-train.json
+    PYTHONPATH=src python benchmarks/gpu.py --only infer,qlora --out benchmarks/results/h100-infer.json
+On CPU, `--tiny` runs every row on a small model of the same structure (numbers mean nothing) to check
+the script before spending GPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import platform
+import statistics
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from vlm_inspect import trainer as trainer_module
+from vlm_inspect.config import TrainConfig
+from vlm_inspect.data.dataset import Collator, load_training_dataset, square_image, tokenize_conversation
+from vlm_inspect.models.template import IMAGE, render_prompt
+from vlm_inspect.models.tiny import build_processor, build_tokenizer
+from vlm_inspect.predict import Predictor
+from vlm_inspect.train import LORA_TARGETS, PROJECTOR, Plan
+
+SHAPES = {
+    "7b": {
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+        "text": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    },
+    "tiny": {
+        "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+        "text": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+    },
+}
+IMAGE_SIZE, PATCH, VOCAB = 336, 14, 32064
+IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 576
+TEXT_TOKENS = 64
+QUESTION = "Is this product OK or NG?"
+GIB = 2**30
+# The issue's targets, per row: (samples or images per second at least, peak GiB at most).
+TARGETS = {
+    "LoRA train, batch 8": (24.0, 22.0),
+    "LoRA train, batch 16": (None, None),
+    "LoRA train, no checkpointing, batch 8": (30.0, None),
+    "QLoRA train, batch 1": (None, 7.0),
+    "QLoRA train, batch 8": (14.0, 12.0),
+    "OK/NG score, batch 32": (85.0, None),
+    "describe 48 tokens, batch 8": (18.0, None),
+    "describe 48 tokens, batch 1": (3.0, None),
+}
+
+
+@dataclass
+class Row:
+    work: str
+    setup: str  # plain | peer | ours (| ours variant)
+    batch: int
+    rate: float | None = None  # samples/s (train) or images/s (inference)
+    peak_gib: float | None = None
+    mfu: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+class Bench:
+    """The model, data and results of one run."""
+
+    def __init__(self, tiny: bool, steps: int, warmup: int, work: Path, out: Path | None, deadline: float):
+        self.tiny, self.steps, self.warmup, self.work, self.out = tiny, steps, warmup, work, out
+        self.started, self.deadline = time.perf_counter(), deadline
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() and not tiny else torch.device("cpu")
+        self.shape = SHAPES["tiny" if tiny else "7b"]
+        self.rows: list[Row] = []
+        self.processor = build_processor(build_tokenizer(), IMAGE_SIZE, PATCH)
+        self.processor.tokenizer.padding_side = "left"  # as load_processor sets it
+        self.tokenizer = self.processor.tokenizer
+        self.data = write_dataset(work / "data", self.tokenizer, n=48 if tiny else 128)
+        self.images = [photo(i) for i in range(64 if not tiny else 8)]
+        self.peak_tflops = measure_matmul_tflops(self.device)
+        self.model: Any = None
+
+    def time_left(self) -> bool:
+        """False once the run is past its deadline: later rows are skipped so the table still prints."""
+        left = self.deadline - (time.perf_counter() - self.started)
+        if left <= 0:
+            print(f"[skip] past the {self.deadline:.0f} s deadline", flush=True)
+        return left > 0
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor(),
+            "versions": versions(),
+            "shape": "tiny (CPU check only)" if self.tiny else "LLaVA-1.5-7B, random bf16 weights",
+            "tokens_per_sample": {"image": IMAGE_TOKENS, "text": TEXT_TOKENS, "supervised": supervised_tokens(self)},
+            "matmul_tflops_measured": self.peak_tflops,
+            "seconds": round(time.perf_counter() - self.started, 1),
+            "rows": [asdict(r) for r in self.rows],
+        }
+
+    # ------------------------------------------------------------ model
+
+    def config(self) -> LlavaConfig:
+        vision = CLIPVisionConfig(
+            **self.shape["vision"], image_size=IMAGE_SIZE, patch_size=PATCH, hidden_act="quick_gelu", projection_dim=768
+        )
+        text = LlamaConfig(
+            **self.shape["text"],
+            num_key_value_heads=self.shape["text"]["num_attention_heads"],
+            vocab_size=VOCAB,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            bos_token_id=self.tokenizer.bos_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=self.tokenizer.convert_tokens_to_ids(IMAGE),
+            image_seq_length=IMAGE_TOKENS,
+            projector_hidden_act="gelu",
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+        )
+        config.pad_token_id = self.tokenizer.pad_token_id
+        return config
+
+    def build_model(self) -> Any:
+        """Random bf16 weights made on the device (no 14 GB file): std 0.02 like transformers' init."""
+        torch.manual_seed(0)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        with torch.device(self.device):
+            model = LlavaForConditionalGeneration._from_config(self.config(), dtype=dtype)
+        model.generation_config.eos_token_id = None  # random weights: always generate the full 48 tokens
+        model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        model.config.use_cache = model.config.get_text_config().use_cache = False
+        self.model = model.requires_grad_(False)
+        return model
+
+    def dataset(self) -> Any:
+        return load_training_dataset(self.data, self.processor, IMAGE_TOKENS, max_length=2048, augment=True, seed=0)
+
+    # ------------------------------------------------------------ flops
+
+    def train_flops(self, supervised: float) -> float:
+        """Model FLOPs of one LoRA training sample (recompute not counted): frozen linears run forward
+        and input-gradient, LoRA adds its forward, input- and weight-gradient; vision runs forward only."""
+        t, v = self.shape["text"], self.shape["vision"]
+        h, ffn, layers = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
+        seq = IMAGE_TOKENS + TEXT_TOKENS
+        linear = 2 * seq * layers * (4 * h * h + 3 * h * ffn)
+        attention = 2 * seq * seq * h * layers  # QK^T and AV, causal half
+        lora = 2 * seq * layers * 128 * (4 * 2 * h + 2 * (h + ffn) + (ffn + h))
+        head = 2 * supervised * h * VOCAB
+        projector = 2 * IMAGE_TOKENS * (v["hidden_size"] * h + h * h)
+        return 2 * linear + 3 * attention + 3 * lora + 3 * head + self.vision_flops() + 3 * projector
+
+    def vision_flops(self) -> float:
+        v = self.shape["vision"]
+        tokens = IMAGE_TOKENS + 1
+        per_layer = 2 * tokens * (4 * v["hidden_size"] ** 2 + 2 * v["hidden_size"] * v["intermediate_size"])
+        return v["num_hidden_layers"] * (per_layer + 2 * tokens * tokens * v["hidden_size"])
+
+    def forward_flops(self, tokens: int, context: int) -> float:
+        """One forward of `tokens` new tokens attending to `context` tokens, LM head on the last only."""
+        t = self.shape["text"]
+        h, ffn, layers = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
+        return 2 * tokens * layers * (4 * h * h + 3 * h * ffn) + 4 * tokens * context * h * layers + 2 * h * VOCAB
+
+    def mfu(self, flops_per_item: float, rate: float) -> float | None:
+        return flops_per_item * rate / (self.peak_tflops * 1e12) if self.peak_tflops else None
+
+    # ------------------------------------------------------------ rows
+
+    def record(self, row: Row) -> Row:
+        self.rows.append(row)
+        if self.out:  # after every row: a run cut off at its time limit still leaves its rows
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.write_text(json.dumps(self.result(), indent=1, default=str))
+        rate = f"{row.rate:.2f}/s" if row.rate else "-"
+        peak = f"{row.peak_gib:.1f} GiB" if row.peak_gib else "-"
+        print(f"[row] {row.work} | {row.setup} | b{row.batch} | {rate} | {peak} | {row.error or ''}", flush=True)
+        print(f"      {json.dumps(row.detail, default=str)}", flush=True)
+        return row
+
+
+# ------------------------------------------------------------------ data
+
+
+def photo(index: int) -> Image.Image:
+    """A 480×360 product-like photo (box, sometimes a dark spot), different for every index."""
+    image = Image.new("RGB", (480, 360), (200 + index % 5 * 10, 205, 210 - index % 3 * 20))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((90 + index % 7, 60, 390, 300 - index % 11), fill=(245, 245, 240), outline=(60, 60, 60), width=4)
+    if index % 2:
+        x = 120 + (index * 37) % 220
+        draw.ellipse((x, 120, x + 30, 150), fill=(20, 20, 20))
+    return image
+
+
+def answer_of_length(tokenizer: Any, text_tokens: int) -> str:
+    """An answer whose conversation has exactly `text_tokens` text tokens besides the image."""
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    words = [
+        "NG.",
+        "There",
+        "is",
+        "a",
+        "black",
+        "spot",
+        "near",
+        "the",
+        "top",
+        "left",
+        "corner",
+        "of",
+        "the",
+        "box",
+        "and",
+        "a",
+        "scratch",
+        "in",
+        "the",
+        "center",
+    ]
+    for count in range(1, 200):
+        base = " ".join(words[i % len(words)] for i in range(count))
+        for tail in ("", ".", " a", " ok", " OK."):
+            answer = base + tail
+            tokens = tokenize_conversation([(f"{IMAGE}\n{QUESTION}", answer)], tokenizer, image_id, IMAGE_TOKENS)
+            if len(tokens.input_ids) - IMAGE_TOKENS == text_tokens:
+                return answer
+    raise RuntimeError(f"no answer gives {text_tokens} text tokens")
+
+
+def write_dataset(folder: Path, tokenizer: Any, n: int) -> Path:
+    """A prepare-style dataset folder: photos, train.json (576 image + 64 text tokens each), manifest."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    answer = answer_of_length(tokenizer, TEXT_TOKENS)
+    samples = []
+    for i in range(n):
+        photo(i).save(folder / "images" / f"{i:03d}.png")
+        conversation = [{"from": "human", "value": f"{IMAGE}\n{QUESTION}"}, {"from": "gpt", "value": answer}]
+        samples.append({"id": f"s{i}", "image": f"images/{i:03d}.png", "conversations": conversation})
+    (folder / "train.json").write_text(json.dumps(samples))
+    (folder / "manifest.json").write_text(json.dumps({"language": "en", "product": "product"}))
+    return folder
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def measure_matmul_tflops(device: torch.device) -> float | None:
+    """bf16 8192³ matrix product on random data, median of 20: the reachable ceiling MFU is taken against."""
+    if device.type != "cuda":
+        return None
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del a, b
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class StepTimes(TrainerCallback):
+    """Wall time at the end of every optimizer step, the GPU drained first."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        sync(self.device)
+        self.times.append(time.perf_counter())
+
+    def rate(self, batch: int, warmup: int) -> float:
+        timed = self.times[warmup:]
+        return batch * (len(timed) - 1) / (timed[-1] - timed[0])
+
+
+def release(bench: Bench, peft_model: Any, *objects: Any) -> None:
+    """Take LoRA, checkpointing and compiled layers off the shared base model; free optimizer memory."""
+    base = peft_model.unload() if hasattr(peft_model, "unload") else peft_model
+    for module in base.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = False
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+    if getattr(base, "_require_grads_hook", None) is not None:
+        base.disable_input_require_grads()
+    base.requires_grad_(False)
+    base.config.use_cache = base.config.get_text_config().use_cache = False
+    bench.model = base
+    for obj in objects:
+        del obj
+    gc.collect()
+    if bench.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0, bench.device)
+    torch._dynamo.reset()  # the next row's new LoRA modules would otherwise count towards the recompile limit
+
+
+# ------------------------------------------------------------------ training rows
+
+
+def stock_args(bench: Bench, out: Path, batch: int, checkpointing: bool, optim: str, liger: bool) -> TrainingArguments:
+    on_gpu = bench.device.type == "cuda"
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        max_steps=bench.warmup + bench.steps,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        bf16=on_gpu,
+        use_cpu=not on_gpu,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        optim=optim,
+        use_liger_kernel=liger,
+        dataloader_num_workers=4 if on_gpu else 0,  # the original LLaVA scripts use 4
+        disable_tqdm=True,
+    )
+
+
+def train_stock(bench: Bench, work: str, setup: str, batch: int, checkpointing: bool = True) -> Row:
+    """transformers + PEFT as a user would write it: plain (LLaVA recipe) or peer (the tuned stock setup)."""
+    from peft import LoraConfig, get_peft_model
+
+    peer = setup.startswith("peer")
+    liger = peer and has_liger() and bench.device.type == "cuda"
+    lora = LoraConfig(
+        r=128,
+        lora_alpha=256,
+        lora_dropout=0.0 if peer else 0.05,
+        target_modules=LORA_TARGETS,
+        modules_to_save=[PROJECTOR],
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(bench.model, lora)
+    args = stock_args(
+        bench, bench.work / "stock", batch, checkpointing, "adamw_torch_fused" if peer else "adamw_torch", liger
+    )
+    timer = StepTimes(bench.device)
+    trainer = Trainer(model=model, args=args, train_dataset=bench.dataset(), data_collator=collator(bench))
+    trainer.add_callback(timer)
+    row = Row(work, setup, batch, detail={"liger": liger, "checkpointing": checkpointing, "dropout": lora.lora_dropout})
+    try:
+        reset_peak(bench.device)
+        trainer.train()
+        row.rate, row.peak_gib = timer.rate(batch, bench.warmup), peak_gib(bench.device)
+        row.mfu = bench.mfu(bench.train_flops(supervised_tokens(bench)), row.rate)
+    except Exception as err:  # a failed row is reported, the others still run
+        row.error = f"{type(err).__name__}: {err}"[:400]
+        traceback.print_exc()
+    release(bench, model, trainer)
+    return bench.record(row)
+
+
+def train_ours(
+    bench: Bench,
+    work: str,
+    setup: str,
+    batch: int | None,
+    budget_gib: float | None = None,
+    **settings: Any,
+) -> Row:
+    """vlm-inspect's path: TrainConfig defaults, apply_lora, choose_batch_size, build_trainer."""
+    forced_layers = settings.pop("checkpoint_layers", None)
+    cfg = TrainConfig(
+        model="(in memory)", data=str(bench.data), out=str(bench.work / "run"), batch_size=batch, **settings
+    )
+    model = trainer_module.apply_lora(bench.model, cfg)
+    dataset = bench.dataset()
+    real_budget = trainer_module.gpu_memory_gib
+    if (
+        budget_gib is not None and bench.device.type == "cuda"
+    ):  # pretend the card has only this much memory, and hold the allocator to it
+        trainer_module.gpu_memory_gib = lambda device: budget_gib
+        total = torch.cuda.get_device_properties(bench.device).total_memory / GIB
+        torch.cuda.set_per_process_memory_fraction((budget_gib + 0.5) / total, bench.device)
+    detail = {"settings": settings, "budget_gib": budget_gib, "checkpoint_layers": forced_layers}
+    row = Row(work, setup, batch or 0, detail=detail)
+    trainer = None
+    try:
+        chosen, checkpointing = trainer_module.choose_batch_size(cfg, model, dataset, bench.device)
+        if forced_layers is not None:  # a fixed share of layers, to calibrate the memory estimate
+            seq = max(len(t.input_ids) for t in dataset.tokens)
+            estimate = trainer_module.estimate_memory_gib(model, chosen, seq, forced_layers)
+            checkpointing = trainer_module.Checkpointing(forced_layers, checkpointing.total, estimate)
+        row.batch = chosen
+        plan = Plan(len(dataset), 1, chosen, 1, len(dataset) // chosen, bench.warmup + bench.steps, 1.0, 0, 10**9)
+        trainer = trainer_module.build_trainer(
+            cfg, bench.work / "run", model, dataset, collator(bench), plan, bench_dtype(bench), checkpointing, None
+        )
+        trainer.args.disable_tqdm = True
+        timer = StepTimes(bench.device)
+        trainer.add_callback(timer)
+        reset_peak(bench.device)
+        started = time.perf_counter()
+        trainer.train()
+        row.rate, row.peak_gib = timer.rate(chosen, bench.warmup), peak_gib(bench.device)
+        row.mfu = bench.mfu(bench.train_flops(supervised_tokens(bench)), row.rate)
+        row.detail.update(
+            checkpointing=str(checkpointing),
+            estimate_gib=checkpointing.estimate_gib,
+            compiled=trainer_module.use_compile(cfg, bench.device),
+            first_steps_s=round(timer.times[bench.warmup - 1] - started, 1),
+            workers=trainer.args.dataloader_num_workers,
+        )
+    except Exception as err:
+        row.error = f"{type(err).__name__}: {err}"[:400]
+        traceback.print_exc()
+    trainer_module.gpu_memory_gib = real_budget
+    release(bench, model, trainer)
+    return bench.record(row)
+
+
+def collator(bench: Bench) -> Collator:
+    return Collator(bench.tokenizer.pad_token_id)
+
+
+def bench_dtype(bench: Bench) -> torch.dtype:
+    return torch.bfloat16 if bench.device.type == "cuda" else torch.float32
+
+
+def supervised_tokens(bench: Bench) -> int:
+    labels = bench.dataset().tokens[0].labels
+    return sum(label != -100 for label in labels)
+
+
+def has_liger() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def train_rows(bench: Bench, only_ours: bool = False, plan_only: bool = False) -> None:
+    """The issue's training rows, most important first (rows past the deadline are skipped)."""
+    card = 23.6 - 0.5  # a 24 GB card's memory less the CUDA context
+    plain = (
+        []
+        if only_ours
+        else [
+            ("LoRA train, batch 8", "plain", 8, {}),
+            ("LoRA train, no checkpointing, batch 8", "plain", 8, {"checkpointing": False}),
+            ("LoRA train, batch 16", "plain", 16, {}),
+        ]
+    )
+    ours = [
+        ("LoRA train, batch 8", "ours (24 GB plan)", 8, {"budget_gib": card}),
+        ("LoRA train, no checkpointing, batch 8", "ours", 8, {"gradient_checkpointing": False}),
+        ("LoRA train, batch 16", "ours, full checkpointing", 16, {"gradient_checkpointing": True}),
+        ("LoRA train, batch 8", "ours, full checkpointing", 8, {"gradient_checkpointing": True}),
+        ("LoRA train, batch 1", "ours (24 GB plan)", 1, {"budget_gib": card}),
+        ("LoRA train, batch 8", "ours, no compile (24 GB plan)", 8, {"budget_gib": card, "compile": False}),
+        ("LoRA train, batch 8", "ours, dropout 0.05 (24 GB plan)", 8, {"budget_gib": card, "lora_dropout": 0.05}),
+        ("LoRA train, batch 8", "ours, 16 of 32 layers checkpointed", 8, {"checkpoint_layers": 16}),
+    ]
+    if plan_only:
+        plain, ours = [], [row for row in ours if is_main_ours(Row(*row[:3]))]
+    # Liger patches transformers' classes for good: the peer rows run last.
+    peer = (
+        []
+        if only_ours or plan_only
+        else [("LoRA train, batch 8", "peer", 8, {}), ("LoRA train, batch 16", "peer", 16, {})]
+    )
+    bench.build_model()
+    for work, setup, batch, settings in plain[:2] + ours[:2] + plain[2:] + ours[2:] + peer:
+        if not bench.time_left():
+            return
+        if setup.startswith(("plain", "peer")):
+            train_stock(bench, work, setup, batch, **settings)
+        else:
+            train_ours(bench, work, setup, batch, **settings)
+
+
+def probe_rows(bench: Bench) -> None:
+    """Where a training step's time goes: the data pipeline alone, our step without the Trainer loop, and
+    a profile of that step (top kernels, GPU-busy share)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    bench.build_model() if bench.model is None else None
+    for batch, ckpt in ((8, True), (8, False), (1, False)):
+        cfg = TrainConfig(model="-", data=str(bench.data), out=str(bench.work / "probe"), batch_size=batch)
+        model = trainer_module.apply_lora(bench.model, cfg)
+        dataset = bench.dataset()
+        total = len(trainer_module.language_layers(model))
+        checkpointing = trainer_module.Checkpointing(total if ckpt else 0, total)
+        plan = Plan(len(dataset), 1, batch, 1, len(dataset) // batch, 100, 1.0, 0, 10**9)
+        trainer = trainer_module.build_trainer(
+            cfg, bench.work / "probe", model, dataset, collator(bench), plan, bench_dtype(bench), checkpointing, None
+        )
+        row = Row(f"probe, batch {batch}", f"ours, checkpointing {'on' if ckpt else 'off'}", batch)
+        loader = trainer.get_train_dataloader()
+        started, batches = time.perf_counter(), []
+        for index, item in enumerate(loader):
+            batches.append(item)
+            if index == 15:
+                break
+        row.detail["data_samples_per_s"] = round(16 * batch / (time.perf_counter() - started), 1)
+        inputs = {k: v.to(bench.device) for k, v in batches[0].items()}
+        count = (inputs["labels"][:, 1:] != -100).sum()
+        trainer.create_optimizer()
+
+        def step(trainer: Any = trainer, model: Any = model, inputs: Any = inputs, count: Any = count) -> None:
+            with torch.autocast(bench.device.type, dtype=torch.bfloat16):
+                loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=count)
+            loss.backward()
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+
+        model.train()
+        for _ in range(3):
+            step()
+        reset_peak(bench.device)
+        seconds = timed(bench.device, step, 6)
+        row.rate, row.peak_gib = batch / seconds, peak_gib(bench.device)
+        row.mfu = bench.mfu(bench.train_flops(supervised_tokens(bench)), row.rate)
+        if bench.device.type == "cuda":
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step()
+                sync(bench.device)
+            events = prof.key_averages()
+            gpu_us = sum(e.self_device_time_total for e in events)
+            row.detail["gpu_busy_ms"] = round(gpu_us / 1000, 1)
+            row.detail["step_ms"] = round(1000 * seconds, 1)
+            print(events.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
+        release(bench, model, trainer)
+        bench.record(row)
+
+
+# ------------------------------------------------------------------ inference rows
+
+
+def timed(device: torch.device, fn: Any, repeats: int) -> float:
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def stock_inputs(bench: Bench, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+    """The processor call a transformers user makes, on LLaVA-1.5's square-padded photos (as ours)."""
+    prompt = render_prompt(QUESTION)
+    mean = bench.processor.image_processor.image_mean
+    squared = [square_image(image, mean, "pad") for image in images]
+    inputs = bench.processor(images=squared, text=[prompt] * len(images), return_tensors="pt", padding=True)
+    return {
+        k: v.to(bench.device, bench_dtype(bench)) if k == "pixel_values" else v.to(bench.device)
+        for k, v in inputs.items()
+    }
+
+
+def infer_rows(bench: Bench) -> None:
+    model = bench.model if bench.model is not None else bench.build_model()
+    model.eval()
+    predictor = Predictor(model, bench.processor, "random 7B", has_adapter=False)
+    images = bench.images
+    prompt_tokens = stock_inputs(bench, images[:1])["input_ids"].shape[1]
+    score_flops = bench.forward_flops(prompt_tokens, prompt_tokens) + bench.vision_flops()
+
+    batch = 32 if not bench.tiny else 4
+    group = images[:batch]
+
+    @torch.inference_mode()
+    def plain_score() -> torch.Tensor:
+        return model(**stock_inputs(bench, group)).logits[:, -1].float().softmax(-1)
+
+    rows = [("plain", plain_score), ("ours", lambda: predictor.score(group, QUESTION, batch_size=batch))]
+    for setup, fn in rows:
+        row = Row("OK/NG score, batch 32", setup, batch)
+        try:
+            fn()
+            reset_peak(bench.device)
+            seconds = timed(bench.device, fn, 3)
+            row.rate, row.peak_gib = batch / seconds, peak_gib(bench.device)
+            row.mfu = bench.mfu(score_flops, row.rate)
+        except Exception as err:
+            row.error = f"{type(err).__name__}: {err}"[:400]
+            traceback.print_exc()
+        bench.record(row)
+    with contextlib.suppress(Exception):
+        plain = plain_score()
+        ok_ids, ng_ids = predictor.verdict_ids
+        p_plain = (plain[:, ng_ids].sum(-1) / (plain[:, ok_ids].sum(-1) + plain[:, ng_ids].sum(-1))).tolist()
+        p_ours = predictor.score(group, QUESTION, batch_size=batch)
+        bench.rows[-1].detail["max_p_ng_difference_vs_plain"] = max(
+            abs(a - b) for a, b in zip(p_plain, p_ours, strict=True)
+        )
+    with contextlib.suppress(Exception):
+        prompts = [render_prompt(QUESTION)] * batch
+        ours_inputs = timed(bench.device, lambda: predictor._inputs(group, prompts), 3)
+        plain_inputs = timed(bench.device, lambda: stock_inputs(bench, group), 3)
+        inputs = predictor._inputs(group, prompts)
+        with torch.inference_mode():
+            forward = timed(bench.device, lambda: model(**inputs, logits_to_keep=1), 3)
+        bench.rows[-1].detail.update(
+            inputs_s_ours=round(ours_inputs, 4), inputs_s_plain_cpu=round(plain_inputs, 4), forward_s=round(forward, 4)
+        )
+
+    new_tokens = 48
+    for batch in (8, 1):
+        if not bench.time_left():
+            return
+        group = images[:batch]
+        work = f"describe 48 tokens, batch {batch}"
+        flops = (
+            bench.forward_flops(prompt_tokens, prompt_tokens)
+            + bench.vision_flops()
+            + sum(bench.forward_flops(1, prompt_tokens + i) for i in range(new_tokens - 1))
+        )
+
+        def generate(static: bool, group: list[Image.Image] = group) -> torch.Tensor:
+            extra = {"cache_implementation": "static"} if static else {}
+            with torch.inference_mode():
+                inputs = stock_inputs(bench, group)
+                ids = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, **extra)
+            return ids[:, inputs["input_ids"].shape[1] :]
+
+        setups = [
+            ("plain", lambda g=group: generate(False, g)),
+            ("peer (static cache)", lambda g=group: generate(True, g)),
+            ("ours", lambda g=group: predictor.describe(g, QUESTION, max_new_tokens=new_tokens, batch_size=len(g))),
+        ]
+        for setup, fn in setups:
+            row = Row(work, setup, batch)
+            try:
+                started = time.perf_counter()
+                fn()
+                fn()
+                row.detail["warmup_s"] = round(time.perf_counter() - started, 1)
+                reset_peak(bench.device)
+                seconds = timed(bench.device, fn, 3 if batch > 1 else 5)
+                row.rate, row.peak_gib = batch / seconds, peak_gib(bench.device)
+                row.mfu = bench.mfu(flops, row.rate)
+            except Exception as err:
+                row.error = f"{type(err).__name__}: {err}"[:400]
+                traceback.print_exc()
+            bench.record(row)
+        with contextlib.suppress(Exception):
+            # Random weights give nearly flat logits, so bf16 rounding flips greedy choices: the share of
+            # leading tokens equal to plain `generate` is shown for the peer (same kernels) and for ours.
+            plain_ids = generate(False).cpu()
+            with predictor.lock:
+                inputs = predictor._inputs(group, [render_prompt(QUESTION)] * batch)
+            with torch.inference_mode():
+                ours_ids = predictor._decoder(inputs["input_ids"].shape, new_tokens).run(inputs, new_tokens).cpu()
+            peer_ids = generate(True).cpu()
+            for name, ids in (("peer", peer_ids), ("ours", ours_ids)):
+                bench.rows[-1].detail[f"first_token_equal_{name}_vs_plain"] = float(
+                    (ids[:, 0] == plain_ids[:, 0]).float().mean()
+                )
+                bench.rows[-1].detail[f"tokens_equal_{name}_vs_plain"] = float(
+                    (ids == plain_ids[:, : ids.shape[1]]).float().mean()
+                )
+
+
+# ------------------------------------------------------------------ QLoRA rows
+
+
+def qlora_rows(bench: Bench) -> None:
+    """QLoRA through `build_model` (the 4-bit load needs a model folder: the random model is saved once),
+    then the stock setup on the same 4-bit load for reference."""
+    folder = bench.work / "model"
+    model = bench.model if bench.model is not None else bench.build_model()
+    model.save_pretrained(folder, max_shard_size="5GB")
+    bench.processor.save_pretrained(folder)
+    bench.model = None
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    rows = [
+        (1, "ours (7.5 GB plan)", {"budget_gib": 7.5}),
+        (8, "ours (12.6 GB plan)", {"budget_gib": 12.6}),
+        (8, "ours, compiled (12.6 GB plan)", {"budget_gib": 12.6, "compile": True}),
+        (1, "peer", {}),
+        (8, "peer", {}),
+    ]
+    real_budget = trainer_module.gpu_memory_gib
+    for batch, setup, settings in rows:
+        if not bench.time_left():
+            return
+        cfg = TrainConfig(
+            model=str(folder), data=str(bench.data), out=str(bench.work / "qrun"), method="qlora", batch_size=batch
+        )
+        cfg.compile = settings.get("compile")
+        row = Row(f"QLoRA train, batch {batch}", setup, batch, detail=dict(settings))
+        trainer = model = None
+        try:
+            reset_peak(bench.device)
+            if setup == "peer":
+                model, trainer, timer, chosen = stock_qlora(bench, cfg, batch)
+            else:
+                model, trainer, timer, chosen = ours_qlora(bench, cfg, row, settings["budget_gib"])
+            trainer.args.disable_tqdm = True
+            trainer.train()
+            row.rate, row.peak_gib = timer.rate(chosen, bench.warmup), peak_gib(bench.device)
+            row.mfu = bench.mfu(bench.train_flops(supervised_tokens(bench)), row.rate)
+        except Exception as err:
+            row.error = f"{type(err).__name__}: {err}"[:400]
+            traceback.print_exc()
+        trainer_module.gpu_memory_gib = real_budget
+        torch.cuda.set_per_process_memory_fraction(1.0, bench.device)
+        del trainer, model
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+        bench.record(row)
+
+
+def ours_qlora(bench: Bench, cfg: TrainConfig, row: Row, budget_gib: float) -> tuple[Any, Any, StepTimes, int]:
+    model, _ = trainer_module.build_model(cfg, torch.bfloat16, bench.device)
+    row.detail["load_peak_gib"] = round(peak_gib(bench.device), 2)
+    reset_peak(bench.device)  # the row's peak is the training peak; loading has its own above
+    trainer_module.gpu_memory_gib = lambda device: budget_gib  # a card of this size (restored by the caller)
+    total = torch.cuda.get_device_properties(bench.device).total_memory / GIB
+    torch.cuda.set_per_process_memory_fraction((budget_gib + 0.5) / total, bench.device)
+    inner = model.get_base_model().model
+    row.detail["projector_dtypes"] = sorted({str(p.dtype) for p in inner.multi_modal_projector.parameters()})
+    row.detail["vision_dtypes"] = sorted({str(p.dtype) for p in inner.vision_tower.parameters()})
+    row.detail["projector_trainable"] = any(p.requires_grad for n, p in model.named_parameters() if PROJECTOR in n)
+    row.detail["lm_linear_class"] = type(inner.language_model.layers[0].mlp.down_proj.base_layer).__name__
+    row.detail["weights_gib"] = round(torch.cuda.memory_allocated(bench.device) / GIB, 2)
+    dataset = bench.dataset()
+    chosen, checkpointing = trainer_module.choose_batch_size(cfg, model, dataset, bench.device)
+    plan = Plan(len(dataset), 1, chosen, 1, len(dataset) // chosen, bench.warmup + bench.steps, 1.0, 0, 10**9)
+    trainer = trainer_module.build_trainer(
+        cfg, bench.work / "qrun", model, dataset, collator(bench), plan, torch.bfloat16, checkpointing, None
+    )
+    row.detail.update(checkpointing=str(checkpointing), estimate_gib=checkpointing.estimate_gib)
+    timer = StepTimes(bench.device)
+    trainer.add_callback(timer)
+    return model, trainer, timer, chosen
+
+
+def stock_qlora(bench: Bench, cfg: TrainConfig, batch: int) -> tuple[Any, Any, StepTimes, int]:
+    """What TRL / LLaMA-Factory users run: 4-bit load, prepare_model_for_kbit_training, LoRA (dropout 0),
+    fused AdamW, gradient checkpointing, stock Trainer."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from vlm_inspect.models.load import load_model
+
+    model = load_model(
+        cfg.model,
+        dtype=torch.bfloat16,
+        device=bench.device,
+        quantization_config=trainer_module._qlora_config(torch.bfloat16),
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    reset_peak(bench.device)
+    lora = LoraConfig(r=128, lora_alpha=256, lora_dropout=0.0, target_modules=LORA_TARGETS, modules_to_save=[PROJECTOR])
+    model = get_peft_model(model, lora)
+    args = stock_args(bench, bench.work / "stock-q", batch, True, "adamw_torch_fused", False)
+    trainer = Trainer(model=model, args=args, train_dataset=bench.dataset(), data_collator=collator(bench))
+    timer = StepTimes(bench.device)
+    trainer.add_callback(timer)
+    return model, trainer, timer, batch
+
+
+# ------------------------------------------------------------------ report
+
+
+def table(bench: Bench) -> str:
+    """Markdown: one line per work, plain / peer / ours side by side with ours' ratio to each."""
+    lines = [
+        "| work | plain | peer | ours | ours / plain | ours / peer | target | MFU ours |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(row: Row | None) -> str:
+        if row is None:
+            return "—"
+        if row.error:
+            return "failed"
+        peak = f", {row.peak_gib:.1f} GiB" if row.peak_gib else ""
+        return f"{row.rate:.2f}/s{peak}"
+
+    for work, (rate_target, peak_target) in TARGETS.items():
+        found = [r for r in bench.rows if r.work == work]
+        if not found:
+            continue
+        plain = next((r for r in found if r.setup == "plain"), None)
+        peer = next((r for r in found if r.setup.startswith("peer")), None)
+        ours = next((r for r in found if is_main_ours(r)), None)
+
+        def ratio(ref: Row | None, ours: Row | None = ours) -> str:
+            if ours is None or ref is None or not ours.rate or not ref.rate:
+                return "—"
+            return f"{ours.rate / ref.rate:.2f}×"
+
+        target = " ".join(
+            t for t in (f"≥ {rate_target}/s" if rate_target else "", f"≤ {peak_target} GiB" if peak_target else "") if t
+        )
+        mfu = f"{100 * ours.mfu:.0f}%" if ours and ours.mfu else "—"
+        lines.append(
+            f"| {work} | {cell(plain)} | {cell(peer)} | {cell(ours)} | {ratio(plain)} | {ratio(peer)} | {target or '—'} | {mfu} |"
+        )
+    extra = [r for r in bench.rows if r.setup.startswith("ours") and not is_main_ours(r)]
+    if extra:
+        lines += ["", "| variant | batch | rate | peak GiB | estimate GiB |", "|---|---|---|---|---|"]
+        for r in extra:
+            est = r.detail.get("estimate_gib")
+            lines.append(
+                f"| {r.work}: {r.setup} | {r.batch} | {r.rate or 0:.2f}/s | {r.peak_gib or 0:.1f} | {est or 0:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def is_main_ours(row: Row) -> bool:
+    """Ours with the product defaults ("ours" or "ours (N GB plan)"); variants have a comma."""
+    return row.setup.startswith("ours") and "," not in row.setup
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    found = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "accelerate", "liger-kernel", "bitsandbytes", "triton"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            found[name] = md.version(name)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only",
+        default="train,infer,qlora",
+        help="comma-separated: probe, train, plan (the 24 GB rows only), infer, qlora",
+    )
+    parser.add_argument("--tiny", action="store_true", help="small model on CPU: checks the script, not the speed")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file for the results (written after each row)")
+    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per training row")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile happens here)")
+    parser.add_argument("--only-ours", action="store_true", help="skip the plain and peer training rows")
+    parser.add_argument("--deadline", type=float, default=540, help="seconds after which remaining rows are skipped")
+    args = parser.parse_args()
+    sections = set(args.only.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = Bench(args.tiny, args.steps, args.warmup, Path(tmp), args.out, args.deadline)
+        if "probe" in sections:
+            probe_rows(bench)
+        if "train" in sections or "plan" in sections:
+            train_rows(bench, args.only_ours, plan_only="train" not in sections)
+        if "infer" in sections and bench.time_left():
+            infer_rows(bench)
+        if "qlora" in sections and bench.device.type == "cuda" and bench.time_left():
+            qlora_rows(bench)
+        result = bench.result()
+        print("\n" + table(bench))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1, default=str))
+            print(f"\nwrote {args.out}")
+        print(f"total {result['seconds']} s; matmul {bench.peak_tflops and round(bench.peak_tflops)} TFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The fast paths behind `train` and `predict` compute what the plain transformers paths compute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers import LlavaForConditionalGeneration, TrainingArguments
+
+from vlm_inspect import trainer as trainer_module
+from vlm_inspect.config import TrainConfig
+from vlm_inspect.data.dataset import Collator, load_training_dataset
+from vlm_inspect.models.load import load_processor
+from vlm_inspect.models.template import render_prompt
+from vlm_inspect.predict import Predictor
+from vlm_inspect.trainer import (
+    QLORA_KEEP_UNQUANTIZED,
+    Checkpointing,
+    InspectTrainer,
+    apply_checkpointing,
+    apply_lora,
+    choose_batch_size,
+    estimate_memory_gib,
+)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model_dir: Path, spot_dataset: Path) -> dict[str, torch.Tensor]:
+    """Four samples of different lengths (one and two answers), right-padded by the training collator."""
+    processor = load_processor(tiny_model_dir)
+    dataset = load_training_dataset(spot_dataset, processor, image_seq_length=64, max_length=512)
+    return Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+
+
+def lora_model(tiny_model_dir: Path) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir).requires_grad_(False)
+    cfg = TrainConfig(model=str(tiny_model_dir), data="-", out="-", lora_r=8, lora_alpha=16)
+    model = apply_lora(model, cfg)
+    with torch.no_grad():  # B starts at zero; give the adapter something to say
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model.train()
+
+
+def trainer_for(model: torch.nn.Module, tmp_path: Path) -> InspectTrainer:
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], remove_unused_columns=False)
+    return InspectTrainer(model=model, args=args, projector_lr=1e-4, scheduler_kind="constant", warmup_steps=0)
+
+
+def lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def test_supervised_token_loss_equals_the_stock_loss_and_gradients(tiny_model_dir: Path, batch, tmp_path: Path):
+    model = lora_model(tiny_model_dir)
+    stock = model(**batch).loss  # transformers' causal-LM loss over full logits
+    stock.backward()
+    stock_grads = lora_grads(model)
+    model.zero_grad()
+
+    trainer = trainer_for(model, tmp_path)
+    count = (batch["labels"][:, 1:] != -100).sum()
+    ours = trainer.compute_loss(model, dict(batch), num_items_in_batch=count)
+    ours.backward()
+    ours_grads = lora_grads(model)
+
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-6)
+    assert stock_grads.keys() == ours_grads.keys() and any("multi_modal_projector" in n for n in ours_grads)
+    for name, grad in stock_grads.items():
+        torch.testing.assert_close(ours_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_the_head_sees_only_supervised_positions(tiny_model_dir: Path, batch, tmp_path: Path):
+    model = lora_model(tiny_model_dir)
+    seen = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _m, _args, out: seen.append(out.shape))
+    trainer_for(model, tmp_path).compute_loss(model, dict(batch), num_items_in_batch=None)
+    handle.remove()
+    supervised = int((batch["labels"] != -100).sum())  # each supervised label is one head row
+    assert seen == [torch.Size([supervised, head.out_features])]
+    assert supervised < batch["labels"].numel() / 4  # the image and question tokens are most of the batch
+    assert not head._forward_pre_hooks  # the trimming hook is gone after the step
+
+
+def test_partial_checkpointing_gives_the_same_gradients(tiny_model_dir: Path, batch, tmp_path: Path):
+    results = []
+    for recomputed in (0, 1):
+        model = lora_model(tiny_model_dir)
+        apply_checkpointing(model, Checkpointing(recomputed, 2))
+        flags = [layer.gradient_checkpointing for layer in trainer_module.language_layers(model)]
+        assert flags == [True, False][:recomputed] + [False] * (2 - recomputed)
+        count = (batch["labels"][:, 1:] != -100).sum()
+        trainer_for(model, tmp_path).compute_loss(model, dict(batch), num_items_in_batch=count).backward()
+        results.append(lora_grads(model))
+    for name, grad in results[0].items():
+        torch.testing.assert_close(results[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_qlora_skip_list_keeps_vision_and_projector_in_16_bits(tiny_model_dir: Path):
+    """transformers matches skip patterns from the start of the module name: short names are not enough."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    converted = {n for n in linears if should_convert_module(n, QLORA_KEEP_UNQUANTIZED)}
+    assert converted and all(".language_model.layers." in n for n in converted)
+    assert all(n in converted for n in linears if ".language_model.layers." in n)
+    short_names = ["vision_tower", "multi_modal_projector", "lm_head"]  # what the seed (and issue 10) used
+    assert any("multi_modal_projector" in n for n in linears if should_convert_module(n, short_names))
+
+
+def test_qlora_trainable_weights_are_kept_in_the_compute_dtype(tiny_model_dir: Path):
+    model = lora_model(tiny_model_dir)
+    trainer_module.keep_adapter_in(model, torch.bfloat16)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.bfloat16 for p in trainable)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if not p.requires_grad)
+
+
+def meta_7b() -> torch.nn.Module:
+    """LLaVA-1.5-7B's shape on the meta device (no memory) with the recipe's LoRA."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+    )
+    text = LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32064
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration._from_config(
+            LlavaConfig(vision_config=vision, text_config=text), dtype=torch.bfloat16
+        )
+    return apply_lora(model.requires_grad_(False), TrainConfig(model="-", data="-", out="-"))
+
+
+class SevenBData:
+    tokens = [type("Tokens", (), {"input_ids": [0] * 640})()] * 64
+
+    def __len__(self) -> int:
+        return 64
+
+
+@pytest.mark.parametrize(("card_gib", "batch", "all_layers"), [(23.6, 8, True), (80.0, 8, False)])
+def test_memory_plan_for_the_7b_shape(monkeypatch, card_gib: float, batch: int, all_layers: bool):
+    """A 24 GB card trains LoRA at batch 8 with no flags by recomputing (nearly) every layer; an 80 GB card
+    keeps every layer's activations. Estimates are calibrated against benchmarks/gpu.py on an H100."""
+    model = meta_7b()
+    monkeypatch.setattr(trainer_module, "gpu_memory_gib", lambda device: card_gib - 0.5)
+    cfg = TrainConfig(model="-", data="-", out="-")
+    chosen, checkpointing = choose_batch_size(cfg, model, SevenBData(), torch.device("cuda"))
+    assert chosen == batch and checkpointing.total == 32
+    assert checkpointing.estimate_gib <= checkpointing.budget_gib <= card_gib
+    if all_layers:
+        assert checkpointing.layers >= 24
+        fewer = estimate_memory_gib(model, 8, 640, checkpointing.layers - 1)
+        assert fewer > checkpointing.budget_gib  # the plan recomputes as few layers as fit, no fewer
+    else:
+        assert checkpointing.layers == 0
+
+
+def photos() -> list[Image.Image]:
+    images = []
+    for i in range(3):
+        image = Image.new("RGB", (80 + 10 * i, 64), (220, 220 - 30 * i, 210))
+        ImageDraw.Draw(image).ellipse((10, 10, 30, 30), fill=(40 * i, 0, 0))
+        images.append(image)
+    return images
+
+
+def test_greedy_decoder_gives_the_tokens_of_generate(tiny_model_dir: Path):
+    """Prompts of different lengths (left padding) give the same answers as transformers' generate."""
+    predictor = Predictor.load(tiny_model_dir, device="cpu", dtype="fp32")
+    prompts = [render_prompt(q) for q in ("Is this box OK or NG?", "Describe.", "Any defects on the box, top or left?")]
+    ours = predictor.generate(photos(), prompts, max_new_tokens=12)
+    inputs = predictor._inputs(photos(), prompts)
+    with torch.inference_mode():
+        ids = predictor.model.generate(**inputs, **predictor._sampling(12, 0.0))
+    new = ids[:, inputs["input_ids"].shape[1] :]
+    assert ours == [t.strip() for t in predictor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    assert len(set(ours)) > 1
+    assert predictor.generate(photos(), prompts, max_new_tokens=12) == ours  # the kept decoder is reused
+    assert len(predictor._decoders) == 1

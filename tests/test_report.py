@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import CHROMIUM, CHROMIUM_FLAGS
 from vlm_inspect.errors import DataError
 from vlm_inspect.evaluate.metrics import score_metrics
 from vlm_inspect.evaluate.report import write_report
 
-CHROMIUM = Path("/usr/bin/chromium")
 QUESTIONS = [
     {"id": "q0", "text": "Is this box OK or NG?", "kind": "training", "default": True},
     {"id": "q1", "text": "Any defects on this box?", "kind": "heldout", "default": False},
@@ -186,19 +186,7 @@ def test_missing_or_foreign_results_file_is_a_data_error(tmp_path: Path):
 
 def chromium(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     """Headless Chromium with everything that could reach the network switched off."""
-    cmd = [
-        str(CHROMIUM),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        *args,
-    ]
+    cmd = [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
 
 

@@ -25,12 +25,12 @@ from PIL import Image, ImageDraw
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from conftest import CHROMIUM, CHROMIUM_FLAGS  # noqa: E402
 from vlm_inspect.config import ServeConfig  # noqa: E402
 from vlm_inspect.errors import ConfigError  # noqa: E402
 from vlm_inspect.serve.app import check_serve_config, create_app  # noqa: E402
 
 KEY = "s3cret-key"
-CHROMIUM = "/usr/bin/chromium"
 
 
 class FakePredictor:
@@ -547,21 +547,9 @@ def test_real_server_inspect_matches_predictor(served: str, tiny_model_dir: Path
     assert_error(refused, 415)
 
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
 @pytest.mark.integration
 def test_operator_page_in_headless_chromium(served: str, tmp_path: Path):
-    if not Path(CHROMIUM).exists():
+    if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
     photos = []
@@ -570,7 +558,7 @@ def test_operator_page_in_headless_chromium(served: str, tmp_path: Path):
         path.write_bytes(photo_bytes(shade, size=(320, 240), fmt="JPEG"))
         photos.append(path)
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 860}, accept_downloads=True)
             page.goto(served + "/")

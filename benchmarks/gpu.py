@@ -50,7 +50,7 @@ from vlm_inspect.config import TrainConfig
 from vlm_inspect.data.dataset import Collator, load_training_dataset, square_image, tokenize_conversation
 from vlm_inspect.models.template import IMAGE, render_prompt
 from vlm_inspect.models.tiny import build_processor, build_tokenizer
-from vlm_inspect.predict import Predictor
+from vlm_inspect.predict import Predictor, compiled_layers
 from vlm_inspect.train import LORA_TARGETS, PROJECTOR, Plan
 
 SHAPES = {
@@ -717,6 +717,85 @@ def infer_rows(bench: Bench) -> None:
                 )
 
 
+def score_rows(bench: Bench) -> None:
+    """The OK/NG score rows alone (plain, ours) and the forward variants tried for issue 10."""
+    model = bench.model if bench.model is not None else bench.build_model()
+    model.eval()
+    predictor = Predictor(model, bench.processor, "random 7B", has_adapter=False)
+    batch = 32 if not bench.tiny else 4
+    group = bench.images[:batch]
+    prompt_tokens = stock_inputs(bench, group[:1])["input_ids"].shape[1]
+    score_flops = bench.forward_flops(prompt_tokens, prompt_tokens) + bench.vision_flops()
+    inputs = predictor._inputs(group, [render_prompt(QUESTION)] * batch)
+    unmasked = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    variants: dict[str, Any] = {"prompt_tokens": prompt_tokens}
+
+    def forward(net: Any, args: dict[str, torch.Tensor]) -> Any:
+        with torch.inference_mode():
+            return net(**args, logits_to_keep=1).logits[:, -1].float()
+
+    def probe(name: str, fn: Any) -> None:
+        try:
+            started = time.perf_counter()
+            fn()
+            sync(bench.device)
+            first = time.perf_counter() - started
+            variants[name] = {"forward_s": round(timed(bench.device, fn, 3), 4), "first_s": round(first, 1)}
+        except Exception as err:
+            variants[name] = f"{type(err).__name__}: {err}"[:300]
+        print(f"[probe] {name}: {variants[name]}", flush=True)
+
+    reference = forward(model, inputs)
+    probe("eager, mask", lambda: forward(model, inputs))
+    probe("eager, no mask", lambda: forward(model, unmasked))
+
+    def plain_score() -> torch.Tensor:
+        return forward(model, stock_inputs(bench, group)).softmax(-1)
+
+    for setup, fn in (("plain", plain_score), ("ours", lambda: predictor.score(group, QUESTION, batch_size=batch))):
+        row = Row("OK/NG score, batch 32", setup, batch)
+        try:
+            started = time.perf_counter()
+            fn()
+            row.detail["first_call_s"] = round(time.perf_counter() - started, 1)
+            reset_peak(bench.device)
+            seconds = timed(bench.device, fn, 5)
+            row.rate, row.peak_gib = batch / seconds, peak_gib(bench.device)
+            row.mfu = bench.mfu(score_flops, row.rate)
+        except Exception as err:
+            row.error = f"{type(err).__name__}: {err}"[:400]
+            traceback.print_exc()
+        bench.record(row)
+    ok_ids, ng_ids = predictor.verdict_ids
+    probs = reference.softmax(-1)
+    p_plain = probs[:, ng_ids].sum(-1) / (probs[:, ok_ids].sum(-1) + probs[:, ng_ids].sum(-1))
+    # The bf16 noise floor: the same forward with another attention kernel (masked vs causal-only).
+    probs_unmasked = forward(model, unmasked).softmax(-1)
+    p_unmasked = probs_unmasked[:, ng_ids].sum(-1) / (
+        probs_unmasked[:, ok_ids].sum(-1) + probs_unmasked[:, ng_ids].sum(-1)
+    )
+    variants["max_p_ng_difference_eager_unmasked_vs_masked"] = float((p_unmasked - p_plain).abs().max())
+    variants["p_ng_range_plain"] = [float(p_plain.min()), float(p_plain.max())]
+    with contextlib.suppress(Exception):
+        p_ours = torch.tensor(predictor.score(group, QUESTION, batch_size=batch), device=p_plain.device)
+        bench.rows[-1].detail["max_p_ng_difference_vs_plain"] = float((p_ours - p_plain).abs().max())
+        bench.rows[-1].detail["inputs_s_ours"] = round(
+            timed(bench.device, lambda: predictor._inputs(group, [render_prompt(QUESTION)] * batch), 3), 4
+        )
+
+    def compiled_forward() -> Any:
+        with compiled_layers(model, predictor._compiled):
+            return forward(model, inputs)
+
+    probe("ours forward (layers compiled)", compiled_forward)
+    if bench.time_left():
+        # After `score` (which swaps compiled layers in and out), describe still runs its own decoder.
+        eight = bench.images[:8]
+        probe("describe 48 tokens, batch 8, after score", lambda: predictor.describe(eight, QUESTION, 48, 8))
+    bench.rows[-1].detail["variants"] = variants
+    bench.record(bench.rows.pop())
+
+
 # ------------------------------------------------------------------ QLoRA rows
 
 
@@ -888,7 +967,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default="train,infer,qlora",
-        help="comma-separated: probe, train, plan (the 24 GB rows only), infer, qlora",
+        help="comma-separated: probe, train, plan (the 24 GB rows only), infer, score (the score rows alone), qlora",
     )
     parser.add_argument("--tiny", action="store_true", help="small model on CPU: checks the script, not the speed")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results (written after each row)")
@@ -906,6 +985,8 @@ def main() -> None:
             train_rows(bench, args.only_ours, plan_only="train" not in sections)
         if "infer" in sections and bench.time_left():
             infer_rows(bench)
+        if "score" in sections and bench.time_left():
+            score_rows(bench)
         if "qlora" in sections and bench.device.type == "cuda" and bench.time_left():
             qlora_rows(bench)
         result = bench.result()

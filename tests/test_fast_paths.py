@@ -191,3 +191,32 @@ def test_greedy_decoder_gives_the_tokens_of_generate(tiny_model_dir: Path):
     assert len(set(ours)) > 1
     assert predictor.generate(photos(), prompts, max_new_tokens=12) == ours  # the kept decoder is reused
     assert len(predictor._decoders) == 1
+
+
+def test_compiled_layers_give_the_same_logits_and_are_swapped_back(tiny_model_dir: Path, monkeypatch):
+    """The score path's compiled layers (traced by dynamo; the eager backend keeps the test fast on CPU)."""
+    from vlm_inspect import predict as predict_module
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: real_compile(module, backend="eager", **kw))
+    predictor = Predictor.load(tiny_model_dir, device="cpu", dtype="fp32")
+    inputs = predictor._inputs(photos(), [render_prompt("Is this box OK or NG?")] * 3)
+    lists = predict_module.layer_lists(predictor.model)
+    originals = [list(layers) for layers in lists]
+    assert len(lists) == 2 and all(len(layers) > 0 for layers in lists)  # language model and vision tower
+    with torch.inference_mode():
+        plain = predictor.model(**inputs, logits_to_keep=1).logits[:, -1]
+        compiled: dict[int, torch.nn.Module] = {}
+        with predict_module.compiled_layers(predictor.model, compiled):
+            swapped = [list(layers) for layers in lists]
+            fast = predictor.model(**inputs, logits_to_keep=1).logits[:, -1]
+        with predict_module.compiled_layers(predictor.model, compiled):
+            again = [list(layers) for layers in lists]
+    assert all(
+        new is not old
+        for layers, olds in zip(swapped, originals, strict=True)
+        for new, old in zip(layers, olds, strict=True)
+    )
+    assert swapped == again  # the wrappers are made once and reused
+    assert [list(layers) for layers in lists] == originals
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)

@@ -77,6 +77,7 @@ class Predictor:
         self.verdict_ids = verdict_token_ids(self.tokenizer)
         self.lock = threading.Lock()  # one user of the weights at a time (serve runs threads)
         self._decoders: OrderedDict[tuple, GreedyDecoder] = OrderedDict()
+        self._compiled: dict[int, Any] = {}  # id(layer) → its compiled wrapper, for `score` (compiled_layers)
 
     @classmethod
     def load(
@@ -133,11 +134,17 @@ class Predictor:
             batch = images[start : start + batch_size]
             with self.lock:
                 inputs = self._inputs(batch, [prompt] * len(batch))
-                logits = self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
+                logits = self._last_logits(inputs)
             probs = logits.softmax(-1)
             p_ok, p_ng = probs[:, ok_ids].sum(-1), probs[:, ng_ids].sum(-1)
             out.extend((p_ng / (p_ok + p_ng).clamp_min(1e-12)).tolist())
         return out
+
+    def _last_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Float32 next-token logits after each prompt, (batch, vocab); on CUDA through compiled layers."""
+        on_gpu = self.device.type == "cuda"
+        with compiled_layers(self.model, self._compiled) if on_gpu else contextlib.nullcontext():
+            return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
 
     def describe(
         self,
@@ -238,6 +245,41 @@ DECODE_LENGTH_STEP = 64
 MAX_DECODERS = 3
 # Decoding checks for finished answers every this many tokens: each check waits for the GPU.
 EOS_CHECK_EVERY = 8
+
+
+def layer_lists(model: Any) -> list[torch.nn.ModuleList]:
+    """The decoder-layer lists of the language model and of the vision tower, through a PEFT wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vision = [
+        m.layers
+        for m in base.model.vision_tower.modules()
+        if isinstance(getattr(m, "layers", None), torch.nn.ModuleList)
+    ]
+    return [base.model.language_model.layers, *vision]
+
+
+@contextlib.contextmanager
+def compiled_layers(model: Any, compiled: dict[int, Any]) -> Iterator[None]:
+    """Inside, every decoder layer runs through its torch.compile wrapper (same weights); after, the originals.
+
+    Measured on an H100 (7B shape, batch 32): the scoring forward 0.56 → 0.42 s, as norms, rotary,
+    activations and residual adds fuse (compiling the whole model instead: 61.7 vs 66.5 images/s, and
+    90 s to compile). The first call compiles for ~14 s. Only the score path swaps them in: the KV-cache code of describe would
+    make the shared layer graph recompile per layer. Callers hold the predictor's lock.
+    """
+    lists = layer_lists(model)
+    originals = [list(layers) for layers in lists]
+    for layers in lists:
+        for index, layer in enumerate(layers):
+            if id(layer) not in compiled:
+                compiled[id(layer)] = torch.compile(layer, dynamic=None)
+            layers[index] = compiled[id(layer)]
+    try:
+        yield
+    finally:
+        for layers, original in zip(lists, originals, strict=True):
+            for index, layer in enumerate(original):
+                layers[index] = layer
 
 
 def _resizes_with_torch(image_processor: Any) -> bool:

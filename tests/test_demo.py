@@ -21,8 +21,10 @@ def test_demo_fast_runs_prepare_train_evaluate(tmp_path: Path):
     assert results["data"]["n_images"] == FAST.test_ok + FAST.test_ng
     assert set(results["metrics"]) == {"base", "tuned"}
     q = next(q["id"] for q in results["questions"] if q["default"])
-    # the tuned model is not the base: the LoRA run changed its scores on held-out photos
-    assert any(img["p_ng"]["base"][q] != img["p_ng"]["tuned"][q] for img in results["images"])
+    # the tuned model inspects better than the base on held-out photos (measured: 50% → 77% balanced accuracy)
+    base = results["metrics"]["base"][q]["balanced_accuracy"]["value"]
+    tuned = results["metrics"]["tuned"][q]["balanced_accuracy"]["value"]
+    assert tuned >= base + 0.15, (base, tuned)
     base_stage = [json.loads(line) for line in (out / "base-run" / "metrics.jsonl").read_text().splitlines()]
     assert sum("loss" in r for r in base_stage) == FAST.caption_steps
     captions = json.loads((out / "captions" / "train.json").read_text())
@@ -30,6 +32,7 @@ def test_demo_fast_runs_prepare_train_evaluate(tmp_path: Path):
     for path in (
         "report/report.html",
         "run/adapter/adapter_config.json",
+        "vision-model/config.json",
         "base-model/config.json",
         "dataset/manifest.json",
         "config.yaml",

@@ -50,7 +50,7 @@ from vlm_inspect.config import TrainConfig
 from vlm_inspect.data.dataset import Collator, load_training_dataset, square_image, tokenize_conversation
 from vlm_inspect.models.template import IMAGE, render_prompt
 from vlm_inspect.models.tiny import build_processor, build_tokenizer
-from vlm_inspect.predict import Predictor, compiled_layers
+from vlm_inspect.predict import Predictor, compile_slots, compiled_modules
 from vlm_inspect.train import LORA_TARGETS, PROJECTOR, Plan
 
 SHAPES = {
@@ -784,7 +784,7 @@ def score_rows(bench: Bench) -> None:
         )
 
     def compiled_forward() -> Any:
-        with compiled_layers(model, predictor._compiled):
+        with compiled_modules(compile_slots(model), predictor._compiled):
             return forward(model, inputs)
 
     probe("ours forward (layers compiled)", compiled_forward)
@@ -799,7 +799,7 @@ def score_rows(bench: Bench) -> None:
 # ------------------------------------------------------------------ QLoRA rows
 
 
-def qlora_rows(bench: Bench) -> None:
+def qlora_rows(bench: Bench, only_ours: bool = False) -> None:
     """QLoRA through `build_model` (the 4-bit load needs a model folder: the random model is saved once),
     then the stock setup on the same 4-bit load for reference."""
     folder = bench.work / "model"
@@ -813,9 +813,7 @@ def qlora_rows(bench: Bench) -> None:
     rows = [
         (1, "ours (7.5 GB plan)", {"budget_gib": 7.5}),
         (8, "ours (12.6 GB plan)", {"budget_gib": 12.6}),
-        (8, "ours, compiled (12.6 GB plan)", {"budget_gib": 12.6, "compile": True}),
-        (1, "peer", {}),
-        (8, "peer", {}),
+        *([] if only_ours else [(1, "peer", {}), (8, "peer", {})]),
     ]
     real_budget = trainer_module.gpu_memory_gib
     for batch, setup, settings in rows:
@@ -973,7 +971,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results (written after each row)")
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per training row")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile happens here)")
-    parser.add_argument("--only-ours", action="store_true", help="skip the plain and peer training rows")
+    parser.add_argument(
+        "--only-ours", action="store_true", help="skip the plain and peer training rows (LoRA and QLoRA)"
+    )
     parser.add_argument("--deadline", type=float, default=540, help="seconds after which remaining rows are skipped")
     args = parser.parse_args()
     sections = set(args.only.split(","))
@@ -988,7 +988,7 @@ def main() -> None:
         if "score" in sections and bench.time_left():
             score_rows(bench)
         if "qlora" in sections and bench.device.type == "cuda" and bench.time_left():
-            qlora_rows(bench)
+            qlora_rows(bench, args.only_ours)
         result = bench.result()
         print("\n" + table(bench))
         if args.out:

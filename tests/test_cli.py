@@ -24,6 +24,9 @@ def test_each_verb_has_help(verb: str):
 def test_settings_help_lists_field_docs():
     result = runner.invoke(app, ["train", "--help"])
     assert "lora_r = 128" in result.output and "LoRA rank" in result.output
+    assert "key=value" in result.output
+    prepare = runner.invoke(app, ["prepare", "--help"]).output
+    assert "val_fraction = 0.2" in prepare and "key=value" not in prepare  # prepare takes flags and --config
 
 
 def test_bad_settings_exit_non_zero_with_every_problem():

@@ -23,6 +23,7 @@ from vlm_inspect.trainer import (
     apply_lora,
     choose_batch_size,
     estimate_memory_gib,
+    optimizer_name,
 )
 
 
@@ -169,6 +170,18 @@ def test_memory_plan_for_the_7b_shape(monkeypatch, card_gib: float, batch: int, 
         assert checkpointing.layers == 0
 
 
+def test_qlora_plans_with_8_bit_adam_moments():
+    """QLoRA trains with bitsandbytes' 8-bit AdamW, and the plan counts its moments at one byte each."""
+    model = meta_7b()
+    assert optimizer_name(TrainConfig(model="-", data="-", out="-", method="qlora")) == "adamw_bnb_8bit"
+    assert optimizer_name(TrainConfig(model="-", data="-", out="-")) == "adamw_torch_fused"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    saved = sum(p.numel() * (2 * p.element_size() - 2) for p in trainable) / 2**30
+    full, eight_bit = (estimate_memory_gib(model, 1, 640, 32, eight_bit_moments=e) for e in (False, True))
+    assert saved > 1.0  # fp32 LoRA r 128 on the 7B: 6 bytes per weight saved
+    assert full - eight_bit == pytest.approx(saved, rel=1e-6)
+
+
 def photos() -> list[Image.Image]:
     images = []
     for i in range(3):
@@ -178,9 +191,11 @@ def photos() -> list[Image.Image]:
     return images
 
 
-def test_greedy_decoder_gives_the_tokens_of_generate(tiny_model_dir: Path):
-    """Prompts of different lengths (left padding) give the same answers as transformers' generate."""
-    predictor = Predictor.load(tiny_model_dir, device="cpu", dtype="fp32")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_greedy_decoder_gives_the_tokens_of_generate(tiny_model_dir: Path, device: str):
+    """Prompts of different lengths (left padding) give the same answers as transformers' generate;
+    on CUDA through the compiled prefill parts, the compiled step and its CUDA graph."""
+    predictor = Predictor.load(tiny_model_dir, device=device, dtype="fp32")
     prompts = [render_prompt(q) for q in ("Is this box OK or NG?", "Describe.", "Any defects on the box, top or left?")]
     ours = predictor.generate(photos(), prompts, max_new_tokens=12)
     inputs = predictor._inputs(photos(), prompts)
@@ -193,30 +208,31 @@ def test_greedy_decoder_gives_the_tokens_of_generate(tiny_model_dir: Path):
     assert len(predictor._decoders) == 1
 
 
-def test_compiled_layers_give_the_same_logits_and_are_swapped_back(tiny_model_dir: Path, monkeypatch):
-    """The score path's compiled layers (traced by dynamo; the eager backend keeps the test fast on CPU)."""
+@pytest.mark.parametrize("prefill", [False, True])
+def test_compiled_modules_give_the_same_logits_and_are_swapped_back(tiny_model_dir: Path, monkeypatch, prefill: bool):
+    """The GPU paths' compiled modules (traced by dynamo; the eager backend keeps the test fast on CPU):
+    whole layers for scoring, MLPs and norms of the language model for describe's prefill."""
     from vlm_inspect import predict as predict_module
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda module, **kw: real_compile(module, backend="eager", **kw))
     predictor = Predictor.load(tiny_model_dir, device="cpu", dtype="fp32")
     inputs = predictor._inputs(photos(), [render_prompt("Is this box OK or NG?")] * 3)
-    lists = predict_module.layer_lists(predictor.model)
-    originals = [list(layers) for layers in lists]
-    assert len(lists) == 2 and all(len(layers) > 0 for layers in lists)  # language model and vision tower
+    slots = predict_module.compile_slots(predictor.model, prefill=prefill)
+    text = predictor.model.config.text_config
+    vision = predictor.model.config.vision_config
+    per_layer = 3 if prefill else 1  # MLP and two norms, or the whole layer
+    assert len(slots) == vision.num_hidden_layers + per_layer * text.num_hidden_layers
+    originals = [getattr(parent, name) for parent, name in slots]
     with torch.inference_mode():
         plain = predictor.model(**inputs, logits_to_keep=1).logits[:, -1]
         compiled: dict[int, torch.nn.Module] = {}
-        with predict_module.compiled_layers(predictor.model, compiled):
-            swapped = [list(layers) for layers in lists]
+        with predict_module.compiled_modules(slots, compiled):
+            swapped = [getattr(parent, name) for parent, name in slots]
             fast = predictor.model(**inputs, logits_to_keep=1).logits[:, -1]
-        with predict_module.compiled_layers(predictor.model, compiled):
-            again = [list(layers) for layers in lists]
-    assert all(
-        new is not old
-        for layers, olds in zip(swapped, originals, strict=True)
-        for new, old in zip(layers, olds, strict=True)
-    )
+        with predict_module.compiled_modules(slots, compiled):
+            again = [getattr(parent, name) for parent, name in slots]
+    assert all(new is not old for new, old in zip(swapped, originals, strict=True))
     assert swapped == again  # the wrappers are made once and reused
-    assert [list(layers) for layers in lists] == originals
+    assert [getattr(parent, name) for parent, name in slots] == originals
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)

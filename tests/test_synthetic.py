@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_inspect.data.synthetic import DEFECT_KINDS, describe_defect, make_box_photo, write_dataset_folders
+from vlm_inspect.data.synthetic import (
+    DEFECT_KINDS,
+    describe_defect,
+    make_box_photo,
+    render_box_photo,
+    write_dataset_folders,
+)
 from vlm_inspect.errors import DataError, OutputExistsError
 
 SIZE = 64
@@ -135,3 +141,18 @@ def test_existing_output_folder_is_refused(tmp_path: Path) -> None:
     (tmp_path / "photos").mkdir()
     with pytest.raises(OutputExistsError, match="photos"):
         write_dataset_folders(tmp_path / "photos", n_ok=1, n_ng=1, seed=0, size=SIZE)
+
+
+@pytest.mark.parametrize("kind", DEFECT_KINDS)
+def test_defect_coverage_lies_in_its_box_and_matches_the_photo(kind: str) -> None:
+    """The pixel coverage the demo's vision tower learns from: inside the defect's box, nonzero, and the
+    photo is the one make_box_photo draws from the same seed."""
+    image, defects, coverage = render_box_photo(np.random.default_rng(3), kind, 128, 0.14, station=True)
+    same, _ = make_box_photo(np.random.default_rng(3), kind, 128, 0.14, station=True)
+    assert np.array_equal(np.asarray(image), np.asarray(same))
+    assert coverage is not None and coverage.shape == (128, 128) and coverage.max() > 0.5
+    x0, y0, x1, y1 = defects[0]["box"]
+    outside = coverage.copy()
+    outside[y0:y1, x0:x1] = 0
+    assert outside.max() == 0
+    assert render_box_photo(np.random.default_rng(3), None, 128)[2] is None

@@ -45,7 +45,7 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 def _epilog(cls: type) -> str:
     # "\b" keeps click from re-wrapping the list into one paragraph.
-    return "\b\n" + cfgmod.settings_help(cls)
+    return "\b\n" + cfgmod.settings_help(cls, overrides=cls is cfgmod.TrainConfig)  # only train takes key=value
 
 
 @app.command(epilog=_epilog(cfgmod.PrepareConfig))

@@ -271,10 +271,10 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def settings_help(cls: type) -> str:
-    """A help block listing every setting with its default and docstring."""
+def settings_help(cls: type, overrides: bool = False) -> str:
+    """A help block listing every setting with its default and docstring (overrides: the verb takes key=value)."""
     docs = field_docs(cls)
-    lines = ["Settings (YAML keys for --config, or key=value overrides):"]
+    lines = [f"Settings (YAML keys for --config{', or key=value arguments' if overrides else ''}):"]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         lines.append(f"  {f.name} = {default!r}: {docs.get(f.name, '')}")

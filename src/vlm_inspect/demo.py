@@ -52,8 +52,8 @@ class DemoSize:
 
 
 FULL = DemoSize(
-    caption_photos=1500,
-    vision_steps=2000,
+    caption_photos=2000,
+    vision_steps=2500,
     caption_steps=400,
     train_ok=20,
     train_ng=20,
@@ -79,9 +79,15 @@ FAST = DemoSize(
 BASE_STAGE = ["method=full", "lr=1e-3", "projector_lr=1e-3", "batch_size=16"]
 VISION_STAGE_LR = 3e-3
 VISION_STAGE_BATCH = 32
+MARK_COVERAGE = 0.02  # share of a patch's pixels a mark must cover to count as in it
 # Station photos show the box in one place and pose, as the base model saw it; few-shot augmentation
 # (flips of OK photos only, crops, turns) would move it and teach the LoRA those moves instead of marks.
-TUNE_STAGE = ["lr=2e-3", "projector_lr=1e-3", "batch_size=8", "augment=false"]
+# The projector stays as the base has it: trained on 34 photos it drifts, and held-out marks the base
+# sees get lost (measured: escape 18% with it trained at 1e-3, 7% frozen).
+TUNE_STAGE = ["lr=1e-3", "train_projector=false", "batch_size=8", "augment=false"]
+# The demo model reads photos at 96 px in 8 × 8 patches of 12 px (the tests' tiny model: 64 px): the same
+# 64 image tokens, and a 1-pixel scratch in the 128 px photo stays more than a pixel wide.
+MODEL_INPUT = 96
 
 
 def demo(cfg: DemoConfig) -> Path:
@@ -113,7 +119,7 @@ def demo(cfg: DemoConfig) -> Path:
     captions, marks = write_caption_dataset(out / "captions", size, cfg.seed + 2)
     lap("photos")
 
-    save_tiny_model(out / "random-model", seed=cfg.seed)
+    save_tiny_model(out / "random-model", seed=cfg.seed, image_size=MODEL_INPUT, patch_size=MODEL_INPUT // 8)
     pretrain_vision_tower(out / "random-model", out / "vision-model", captions, marks, size, cfg.seed)
     lap("base model (vision tower)")
     base_stage = build_config(
@@ -160,22 +166,22 @@ def demo(cfg: DemoConfig) -> Path:
     return report
 
 
-def write_caption_dataset(out: Path, size: DemoSize, seed: int) -> tuple[Path, list[list[int] | None]]:
+def write_caption_dataset(out: Path, size: DemoSize, seed: int) -> tuple[Path, list[np.ndarray | None]]:
     """Photos with one-sentence captions in LLaVA JSON; no caption says OK or NG.
 
-    Returns the JSON file and, per photo, the pixel box of its mark (None for a clean box).
+    Returns the JSON file and, per photo, the share of each pixel its mark covers (None for a clean box).
     """
-    from vlm_inspect.data.synthetic import DEFECT_KINDS, describe_defect, make_box_photo
+    from vlm_inspect.data.synthetic import DEFECT_KINDS, describe_defect, render_box_photo
 
     rng = np.random.default_rng(seed)
     (out / "images").mkdir(parents=True)
     samples, marks = [], []
     for i in range(size.caption_photos):
         kind = None if i % 2 == 0 else DEFECT_KINDS[(i // 2) % len(DEFECT_KINDS)]
-        image, defects = make_box_photo(rng, kind, size.photo_size, size.min_defect_frac, station=True)
+        image, defects, coverage = render_box_photo(rng, kind, size.photo_size, size.min_defect_frac, station=True)
         name = f"images/{i:05d}.png"
         image.save(out / name)
-        marks.append(defects[0]["box"] if defects else None)
+        marks.append(coverage)
         caption = "A white box with a printed label." + (
             f" There is {describe_defect(defects[0])}." if defects else " Its surface is clean and even."
         )
@@ -194,7 +200,7 @@ def write_caption_dataset(out: Path, size: DemoSize, seed: int) -> tuple[Path, l
 
 
 def pretrain_vision_tower(
-    model_dir: Path, out: Path, captions: Path, marks: list[list[int] | None], size: DemoSize, seed: int
+    model_dir: Path, out: Path, captions: Path, marks: list[np.ndarray | None], size: DemoSize, seed: int
 ) -> Path:
     """Teach the vision tower alone where marks are, patch by patch, and save the whole model to `out`.
 
@@ -212,7 +218,7 @@ def pretrain_vision_tower(
     processor = AutoProcessor.from_pretrained(model_dir)
     tower = model.model.vision_tower
     pixels = _caption_pixels(processor, captions)
-    targets = _patch_targets(marks, tower.config, size.photo_size)
+    targets = _patch_targets(marks, tower.config)
     head = torch.nn.Linear(tower.config.hidden_size, 1)
     params = [*tower.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=VISION_STAGE_LR, weight_decay=0.0)
@@ -246,16 +252,22 @@ def _caption_pixels(processor: Any, captions: Path) -> torch.Tensor:
     return processor.image_processor(images, return_tensors="pt")["pixel_values"]
 
 
-def _patch_targets(marks: list[list[int] | None], vision_config: Any, photo_size: int) -> torch.Tensor:
+def _patch_targets(marks: list[np.ndarray | None], vision_config: Any) -> torch.Tensor:
+    """1 for each patch a mark touches (at least MARK_COVERAGE of its pixels), else 0: (photos, patches).
+
+    From the mark's pixels, not its box: measured on held-out photos, box targets (most of a scratch's box is
+    clean surface) gave the tower an AUC of 0.984 and pixel targets 0.989, spots and stains all found.
+    """
     import torch
 
     grid = vision_config.image_size // vision_config.patch_size
-    targets = torch.zeros(len(marks), grid, grid)
-    for i, mark in enumerate(marks):
-        if mark is not None:
-            x0, y0, x1, y1 = (v * grid / photo_size for v in mark)
-            targets[i, int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = 1.0
-    return targets.flatten(1)
+    targets = torch.zeros(len(marks), grid * grid)
+    for i, coverage in enumerate(marks):
+        if coverage is not None:
+            side = coverage.shape[0] // grid
+            per_patch = coverage[: grid * side, : grid * side].reshape(grid, side, grid, side).mean((1, 3))
+            targets[i] = torch.from_numpy((per_patch > MARK_COVERAGE).reshape(-1).astype(np.float32))
+    return targets
 
 
 def _fresh_folder(out: Path, overwrite: bool) -> Path:

@@ -206,7 +206,19 @@ OVERHEAD_GIB = 0.3
 MEMORY_SHARE = 0.9
 
 
-def estimate_memory_gib(model: Any, batch: int, seq: int, checkpointing: bool | int | Checkpointing) -> float:
+def optimizer_name(cfg: TrainConfig) -> str:
+    """The Trainer's optimizer: fused AdamW (one kernel per parameter group), or for QLoRA bitsandbytes' 8-bit AdamW.
+
+    QLoRA exists to fit a small card, and there the two AdamW moments are the largest thing after the
+    4-bit weights (1.2 GiB in bf16 for LoRA r 128 on the 7B); in 8 bits they take half. bitsandbytes is
+    installed whenever QLoRA runs.
+    """
+    return "adamw_bnb_8bit" if cfg.method == "qlora" else "adamw_torch_fused"
+
+
+def estimate_memory_gib(
+    model: Any, batch: int, seq: int, checkpointing: bool | int | Checkpointing, eight_bit_moments: bool = False
+) -> float:
     """Peak GPU memory of a training step (what torch reports as max allocated).
 
     weights + Adam moments + activations or gradients, whichever is larger: a checkpointed layer
@@ -222,7 +234,8 @@ def estimate_memory_gib(model: Any, batch: int, seq: int, checkpointing: bool | 
     # AdamW's two moments and the gradients, in the parameter's dtype (fp32 LoRA, bf16 projector copy).
     # Gradients appear as the backward frees activations, so the peak holds one or the other.
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    moments, grads = 2 * trainable, trainable
+    grads = trainable
+    moments = 2 * sum(p.numel() for p in model.parameters() if p.requires_grad) if eight_bit_moments else 2 * grads
     tokens = batch * seq
     full_layer = tokens * (ACT_PER_HIDDEN * h + ACT_PER_FFN * ffn)
     acts = (layers - recomputed) * full_layer + recomputed * tokens * 2 * h + tokens * ACT_OUTSIDE_LAYERS * h
@@ -253,13 +266,14 @@ def choose_batch_size(cfg: TrainConfig, model: Any, dataset: Any, device: torch.
     if device.type != "cuda":
         return cfg.batch_size or min(8, len(dataset)), Checkpointing(total if cfg.gradient_checkpointing else 0, total)
     budget = MEMORY_SHARE * gpu_memory_gib(device)
+    eight_bit = optimizer_name(cfg) == "adamw_bnb_8bit"
     sizes = [cfg.batch_size] if cfg.batch_size else [b for b in (8, 4, 2, 1) if b <= len(dataset)] or [1]
     for batch in sizes:
         for recomputed in options:
-            estimate = estimate_memory_gib(model, batch, seq, recomputed)
+            estimate = estimate_memory_gib(model, batch, seq, recomputed, eight_bit)
             if estimate <= budget:
                 return batch, Checkpointing(recomputed, total, estimate, budget)
-    estimate = estimate_memory_gib(model, sizes[-1], seq, options[-1])
+    estimate = estimate_memory_gib(model, sizes[-1], seq, options[-1], eight_bit)
     console.print(f"[yellow]the memory estimate ({estimate:.1f} GiB) exceeds this GPU's {budget:.1f} GiB[/]")
     return sizes[-1], Checkpointing(options[-1], total, estimate, budget)
 
@@ -473,7 +487,7 @@ def build_trainer(
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         dataloader_num_workers=(4 if on_gpu else 0) if cfg.num_workers is None else cfg.num_workers,
         remove_unused_columns=False,
-        optim="adamw_torch_fused",  # one kernel per parameter group instead of a loop over tensors
+        optim=optimizer_name(cfg),
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )

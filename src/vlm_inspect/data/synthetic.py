@@ -87,6 +87,20 @@ def make_box_photo(
     Raises:
         DataError: `defect` is not a known kind, or the sizes are out of range.
     """
+    image, defects, _ = render_box_photo(rng, defect, size, min_defect_frac, station)
+    return image, defects
+
+
+def render_box_photo(
+    rng: np.random.Generator,
+    defect: str | None,
+    size: int = 128,
+    min_defect_frac: float = 0.06,
+    station: bool = False,
+) -> tuple[Image.Image, list[dict], np.ndarray | None]:
+    """`make_box_photo`, plus where the defect lies pixel by pixel: (size, size) float32 in [0, 1], the share
+    of each photo pixel the defect covers (None for an OK box). A box around a thin diagonal scratch is
+    mostly clean surface; this is what the demo's vision tower learns from."""
     _check_args(defect, size, min_defect_frac)
     scene_rng, noise_rng, defect_rng = (np.random.default_rng(s) for s in rng.integers(0, 2**63, size=3))
     n = size * SUPERSAMPLE
@@ -100,11 +114,14 @@ def make_box_photo(
     light = _lighting(scene_rng, size, station)
 
     defects: list[dict] = []
+    coverage = None
     if defect is not None:
         image, mask, location = _DRAWERS[defect](defect_rng, image, background, face, print_zones, min_defect_frac)
         defects.append({"type": defect, "box": _mask_box(mask, size), "location": location})
+        visible = Image.fromarray(((np.asarray(mask) > 40) * 255).astype(np.uint8))  # as _mask_box counts pixels
+        coverage = np.asarray(visible.resize((size, size), Image.Resampling.BOX), np.float32) / 255
 
-    return _camera(noise_rng, image, light, size), defects
+    return _camera(noise_rng, image, light, size), defects, coverage
 
 
 def describe_defect(defect: dict) -> str:

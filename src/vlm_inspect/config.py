@@ -63,7 +63,7 @@ class TrainConfig:
     out: str = ""
     """Run folder to write: adapter/, checkpoints/, metrics.jsonl, config.yaml."""
     method: Literal["lora", "qlora", "full"] = "lora"
-    """lora: low-rank adapters; qlora: the same on a 4-bit base (CUDA only); full: all LM weights."""
+    """lora: low-rank adapters; qlora: the same on a 4-bit base with 8-bit AdamW (CUDA only); full: all LM weights."""
     lora_r: int = 128
     """LoRA rank (LLaVA-1.5 task-LoRA recipe: 128)."""
     lora_alpha: int = 256

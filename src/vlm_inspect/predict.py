@@ -322,7 +322,7 @@ class GreedyDecoder:
         cache_len: int,
         eos: int | list[int] | None,
         pad: int,
-        compiled: dict[int, Any] | None = None,
+        compiled: dict[int, Any],
     ):
         from transformers import StaticCache
 
@@ -344,8 +344,9 @@ class GreedyDecoder:
         # Compiled, the step's ~40 small kernels per layer (norms, rotary, SiLU, LoRA adds) fuse into a few:
         # at batch 8 that halves the time per token. Compiling takes ~30 s once per batch size and length.
         self.step = torch.compile(self._step, dynamic=False) if self.use_graph else self._step
+        # The prefill's compiled parts are the predictor's, shared by all its decoders (compiled_modules).
         self.prefill_slots = compile_slots(model, prefill=True) if self.use_graph else []
-        self.compiled = {} if compiled is None else compiled
+        self.compiled = compiled
 
     def run(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
         """(batch, ≤ max_new_tokens) new token ids; after an end-of-sequence token, padding."""

@@ -109,6 +109,7 @@ class Bench:
         self.images = [photo(i) for i in range(64 if not tiny else 8)]
         self.peak_tflops = measure_matmul_tflops(self.device)
         self.model: Any = None
+        self.only_ours = False  # skip the plain and peer rows
 
     def time_left(self) -> bool:
         """False once the run is past its deadline: later rows are skipped so the table still prints."""
@@ -613,6 +614,26 @@ def stock_inputs(bench: Bench, images: list[Image.Image]) -> dict[str, torch.Ten
     }
 
 
+class VariantPredictor(Predictor):
+    """Our predictor with one of describe's levers undone, to measure what it buys in the same run."""
+
+    def __init__(self, base: Predictor, stacked: bool = True, whole_prefill: bool = True):
+        super().__init__(base.model, base.processor, base.name, has_adapter=False)
+        self._compiled = base._compiled  # compiled wrappers are shared, so nothing is compiled twice
+        self.stacked, self.whole_prefill = stacked, whole_prefill
+
+    def _decoder(self, shape: torch.Size, max_new_tokens: int) -> Any:
+        decoder = super()._decoder(shape, max_new_tokens)  # changed before its first run records the graph
+        if not self.stacked:
+            decoder.stacked = []
+        if not self.whole_prefill:  # the vision layers, and each language layer's MLP and norms (the old way)
+            language = self.model.model.language_model.layers
+            vision = [slot for slot in compile_slots(self.model) if slot[0] is not language]
+            parts = ("input_layernorm", "mlp", "post_attention_layernorm")
+            decoder.prefill_slots = vision + [(layer, part) for layer in language for part in parts]
+        return decoder
+
+
 def infer_rows(bench: Bench) -> None:
     model = bench.model if bench.model is not None else bench.build_model()
     model.eval()
@@ -661,6 +682,10 @@ def infer_rows(bench: Bench) -> None:
         )
 
     new_tokens = 48
+    variants = [
+        ("ours, q/k/v and gate/up not stacked", VariantPredictor(predictor, stacked=False)),
+        ("ours, prefill compiled in parts", VariantPredictor(predictor, whole_prefill=False)),
+    ]
     for batch in (8, 1):
         if not bench.time_left():
             return
@@ -683,7 +708,10 @@ def infer_rows(bench: Bench) -> None:
             ("plain", lambda g=group: generate(False, g)),
             ("peer (static cache)", lambda g=group: generate(True, g)),
             ("ours", lambda g=group: predictor.describe(g, QUESTION, max_new_tokens=new_tokens, batch_size=len(g))),
+            *[(name, lambda g=group, v=v: v.describe(g, QUESTION, new_tokens, len(g))) for name, v in variants],
         ]
+        if bench.only_ours:
+            setups = [(name, fn) for name, fn in setups if name.startswith("ours")]
         for setup, fn in setups:
             row = Row(work, setup, batch)
             try:
@@ -971,9 +999,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results (written after each row)")
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per training row")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile happens here)")
-    parser.add_argument(
-        "--only-ours", action="store_true", help="skip the plain and peer training rows (LoRA and QLoRA)"
-    )
+    parser.add_argument("--only-ours", action="store_true", help="skip the plain and peer rows")
     parser.add_argument("--deadline", type=float, default=540, help="seconds after which remaining rows are skipped")
     args = parser.parse_args()
     sections = set(args.only.split(","))
@@ -983,6 +1009,7 @@ def main() -> None:
             probe_rows(bench)
         if "train" in sections or "plan" in sections:
             train_rows(bench, args.only_ours, plan_only="train" not in sections)
+        bench.only_ours = args.only_ours
         if "infer" in sections and bench.time_left():
             infer_rows(bench)
         if "score" in sections and bench.time_left():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -211,7 +212,7 @@ def test_greedy_decoder_gives_the_tokens_of_generate(tiny_model_dir: Path, devic
 @pytest.mark.parametrize("prefill", [False, True])
 def test_compiled_modules_give_the_same_logits_and_are_swapped_back(tiny_model_dir: Path, monkeypatch, prefill: bool):
     """The GPU paths' compiled modules (traced by dynamo; the eager backend keeps the test fast on CPU):
-    whole layers for scoring, MLPs and norms of the language model for describe's prefill."""
+    vision layers, and language-model layers for scoring or the whole language model for describe's prefill."""
     from vlm_inspect import predict as predict_module
 
     real_compile = torch.compile
@@ -221,8 +222,8 @@ def test_compiled_modules_give_the_same_logits_and_are_swapped_back(tiny_model_d
     slots = predict_module.compile_slots(predictor.model, prefill=prefill)
     text = predictor.model.config.text_config
     vision = predictor.model.config.vision_config
-    per_layer = 3 if prefill else 1  # MLP and two norms, or the whole layer
-    assert len(slots) == vision.num_hidden_layers + per_layer * text.num_hidden_layers
+    language = 1 if prefill else text.num_hidden_layers  # the whole language model, or each layer
+    assert len(slots) == vision.num_hidden_layers + language
     originals = [getattr(parent, name) for parent, name in slots]
     with torch.inference_mode():
         plain = predictor.model(**inputs, logits_to_keep=1).logits[:, -1]
@@ -236,3 +237,49 @@ def test_compiled_modules_give_the_same_logits_and_are_swapped_back(tiny_model_d
     assert swapped == again  # the wrappers are made once and reused
     assert [getattr(parent, name) for parent, name in slots] == originals
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_projections_give_the_same_outputs_in_one_matmul_when_compiled(tiny_model_dir: Path):
+    """describe's decode step reads q/k/v (and gate/up) through one stacked weight: same numbers, weights
+    shared with the originals, and once compiled one matmul where there were three (two)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from vlm_inspect import predict as predict_module
+
+    predictor = Predictor.load(tiny_model_dir, device="cpu", dtype="fp32")
+    layer = predictor.model.model.language_model.layers[0]
+    x = torch.randn(2, 1, predictor.model.config.text_config.hidden_size)
+    scores = predictor.score(photos())
+    attn, mlp = layer.self_attn, layer.mlp
+
+    def projections() -> tuple[torch.Tensor, ...]:
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), mlp.gate_proj(x), mlp.up_proj(x)
+
+    def matmuls_when_compiled() -> int:
+        counted = []
+
+        def count(graph: torch.fx.GraphModule, _inputs: list) -> Any:
+            matmuls = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default)
+            counted.append(sum(node.target in matmuls for node in graph.graph.nodes))
+            return graph
+
+        torch._dynamo.reset()
+        torch.compile(projections, backend=aot_autograd(fw_compiler=count))()
+        return counted[0]
+
+    with torch.inference_mode():
+        plain = projections()
+        plain_matmuls = matmuls_when_compiled()
+        cache: dict[int, Any] = {}
+        swaps = predict_module.stacked_projections(predictor.model, cache)
+        assert len(swaps) == 5 * predictor.model.config.text_config.num_hidden_layers
+        with predict_module.swapped_modules(swaps):
+            stacked = projections()
+            stacked_matmuls = matmuls_when_compiled()
+        assert predict_module.stacked_projections(predictor.model, cache) == swaps  # stacked once per model
+    assert (plain_matmuls, stacked_matmuls) == (5, 2)
+    assert type(attn.q_proj) is torch.nn.Linear  # swapped back
+    assert attn.q_proj.weight.data_ptr() == swaps[0][2].stacked.data_ptr()  # a view: no second copy
+    for a, b in zip(plain, stacked, strict=True):
+        torch.testing.assert_close(a, b)
+    assert predictor.score(photos()) == pytest.approx(scores, abs=1e-6)  # the model reads the views

@@ -195,7 +195,7 @@ def photos() -> list[Image.Image]:
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_greedy_decoder_gives_the_tokens_of_generate(tiny_model_dir: Path, device: str):
     """Prompts of different lengths (left padding) give the same answers as transformers' generate;
-    on CUDA through the compiled prefill parts, the compiled step and its CUDA graph."""
+    on CUDA through the compiled prefill, the compiled step with stacked projections, and its CUDA graph."""
     predictor = Predictor.load(tiny_model_dir, device=device, dtype="fp32")
     prompts = [render_prompt(q) for q in ("Is this box OK or NG?", "Describe.", "Any defects on the box, top or left?")]
     ours = predictor.generate(photos(), prompts, max_new_tokens=12)

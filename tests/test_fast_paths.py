@@ -283,3 +283,18 @@ def test_stacked_projections_give_the_same_outputs_in_one_matmul_when_compiled(t
     for a, b in zip(plain, stacked, strict=True):
         torch.testing.assert_close(a, b)
     assert predictor.score(photos()) == pytest.approx(scores, abs=1e-6)  # the model reads the views
+
+
+@pytest.mark.gpu
+def test_warm_up_leaves_nothing_to_compile_for_the_first_requests(tiny_model_dir: Path):
+    """After `warm_up`, scores at other batch sizes and a describe add no compiled wrapper or decoder."""
+    torch._dynamo.reset()  # as in a fresh server process: no shapes seen by the tests before
+    predictor = Predictor.load(tiny_model_dir, device="cuda", dtype="fp32")
+    predictor.warm_up(max_batch=4, max_new_tokens=8)
+    compiled, decoders = dict(predictor._compiled), list(predictor._decoders)
+    assert compiled and decoders
+    recompiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    predictor.score(photos()[:3], batch_size=3)
+    predictor.describe(photos()[:1], max_new_tokens=8)
+    assert predictor._compiled == compiled and list(predictor._decoders) == decoders
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == recompiles

@@ -445,6 +445,34 @@ def test_busy_port_is_a_clear_error():
             _bind("127.0.0.1", taken.getsockname()[1])
 
 
+def test_serve_warms_the_model_up_before_it_listens(monkeypatch, tmp_path: Path):
+    """The first requests must not pay the GPU's compile time inside their time limit."""
+    from vlm_inspect.predict import Predictor
+    from vlm_inspect.serve import app as app_module
+
+    events = []
+
+    class FakePredictor:
+        name, device = "fake", None
+
+        def warm_up(self, max_batch: int, max_new_tokens: int) -> None:
+            events.append(("warm_up", max_batch, max_new_tokens))
+
+    class FakeServer:
+        def __init__(self, config: object):
+            pass
+
+        def run(self, sockets: list) -> None:
+            events.append(("run", len(sockets)))
+
+    fake = FakePredictor()
+    fake.device = type("Device", (), {"type": "cpu"})()
+    monkeypatch.setattr(Predictor, "load", classmethod(lambda cls, *args, **kwargs: fake))
+    monkeypatch.setattr(app_module.uvicorn, "Server", FakeServer)
+    app_module.serve(ServeConfig(model=str(tmp_path), port=_free_port(), max_batch=4, max_new_tokens=16))
+    assert events == [("warm_up", 4, 16), ("run", 1)]
+
+
 # ---------------------------------------------------------------- a real server on the tiny model
 
 

@@ -114,6 +114,17 @@ class Predictor:
         with self.model.disable_adapter():
             yield
 
+    def warm_up(self, max_batch: int, max_new_tokens: int) -> None:
+        """On a GPU, compile what the first requests would: scoring at batch 1 and `max_batch` (later sizes
+        reuse that graph) and describing one photo. Each first call compiles for 0.5–1.5 minutes, which a
+        service would otherwise spend inside its first requests' time limit. On a CPU nothing compiles."""
+        if self.device.type != "cuda":
+            return
+        blank = Image.new("RGB", (64, 64), "white")
+        for batch in sorted({1, max_batch}):
+            self.score([blank] * batch, batch_size=batch)
+        self.describe([blank], max_new_tokens=max_new_tokens)
+
     def _inputs(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         mean = self.processor.image_processor.image_mean
         squared = [square_image(im.convert("RGB"), mean, self.image_aspect) for im in images]

@@ -550,6 +550,9 @@ def serve(cfg: ServeConfig) -> None:
     sock = _bind(cfg.host, cfg.port)
     try:
         predictor = Predictor.load(cfg.model, adapter=cfg.adapter, device=cfg.device)
+        if predictor.device.type == "cuda":
+            print("vlm-inspect serve: compiling for the GPU before the first request (1–3 minutes)", flush=True)
+        predictor.warm_up(cfg.max_batch, cfg.max_new_tokens)
         app = create_app(predictor, cfg)
         _announce(cfg, predictor)
         server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))

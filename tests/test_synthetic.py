@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import vlm_inspect.data.synthetic as synthetic
 from vlm_inspect.data.synthetic import (
     DEFECT_KINDS,
     describe_defect,
@@ -156,3 +157,37 @@ def test_defect_coverage_lies_in_its_box_and_matches_the_photo(kind: str) -> Non
     outside[y0:y1, x0:x1] = 0
     assert outside.max() == 0
     assert render_box_photo(np.random.default_rng(3), None, 128)[2] is None
+
+
+@pytest.mark.parametrize(("frac", "station", "least"), [(0.06, False, 10), (0.14, True, 40)])
+def test_every_defect_shows_against_its_clean_twin(frac: float, station: bool, least: int) -> None:
+    """An NG label on a defect the camera cannot see (a spot inked onto barcode bars) would be wrong: every
+    defect must change a fair number of photo pixels clearly (measured over these seeds: at least 17 and 81)."""
+    for seed in range(12):
+        for kind in DEFECT_KINDS:
+            ok = make_box_photo(np.random.default_rng(seed), None, 128, frac, station)[0]
+            ng = make_box_photo(np.random.default_rng(seed), kind, 128, frac, station)[0]
+            diff = np.abs(np.asarray(ng, np.int16) - np.asarray(ok, np.int16)).max(axis=2)
+            assert (diff >= 30).sum() >= least, f"{kind} seed {seed}: defect barely shows"
+
+
+def test_a_defect_hidden_in_the_print_is_redrawn_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The generator checks what shows, not what it meant to draw: a drawer that changes nothing is refused."""
+
+    def invisible(rng, image, background, face, zones, min_frac):
+        mask = Image.new("L", image.size, 0)
+        mask.paste(255, (10, 10, 30, 30))  # drawn here, but the photo is unchanged: as ink on ink
+        return image.copy(), mask, "center"
+
+    monkeypatch.setitem(synthetic._DRAWERS, "spot", invisible)
+    with pytest.raises(DataError, match="hidden"):
+        make_box_photo(np.random.default_rng(0), "spot", 128)
+
+
+def test_defect_coverage_counts_only_what_shows() -> None:
+    """The demo's tower learns from coverage: where the photo visibly changed, not where the mark was drawn."""
+    for seed in range(6):
+        ok = make_box_photo(np.random.default_rng(seed), None, 128, 0.14, station=True)[0]
+        ng, _, coverage = render_box_photo(np.random.default_rng(seed), "scratch", 128, 0.14, station=True)
+        diff = np.abs(np.asarray(ng, np.int16) - np.asarray(ok, np.int16)).max(axis=2)
+        assert diff[coverage > 0.5].min() >= 10, f"seed {seed}: coverage where the photo barely changed"

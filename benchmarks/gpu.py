@@ -982,7 +982,7 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     found = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "accelerate", "liger-kernel", "bitsandbytes", "triton"):
+    for name in ("torch", "transformers", "peft", "accelerate", "liger-kernel", "bitsandbytes", "deepspeed", "triton"):
         with contextlib.suppress(md.PackageNotFoundError):
             found[name] = md.version(name)
     return found

@@ -107,6 +107,12 @@ def test_loss_falls(lora_run: Path):
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
 
 
+def test_metrics_rows_carry_elapsed_seconds(lora_run: Path):
+    seconds = [r["seconds"] for r in read_metrics(lora_run) if "loss" in r]
+    assert len(seconds) == 60 and seconds[0] > 0
+    assert all(later >= earlier for earlier, later in zip(seconds, seconds[1:], strict=False))
+
+
 def test_lora_and_projector_change_base_does_not(lora_run: Path, tiny_model_dir: Path, spot_dataset: Path):
     from peft import PeftModel
     from transformers import LlavaForConditionalGeneration
@@ -194,6 +200,46 @@ def test_two_processes_match_one_at_equal_global_batch(tmp_path: Path, tiny_mode
     b = load_file(two / "adapter" / "adapter_model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=5e-2, atol=5e-3, msg=key)
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3", "fsdp"])
+def test_launcher_gets_the_shipped_config_by_name(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import yaml
+
+    from vlm_inspect import train as train_module
+
+    launched: list[list[str]] = []
+    monkeypatch.setattr(
+        train_module.subprocess, "run", lambda cmd, **kw: launched.append(cmd) or subprocess.CompletedProcess(cmd, 0)
+    )
+    cfg = TrainConfig(model="m", data="d", out=str(tmp_path), distributed=name)
+    train_module.launch_distributed(cfg, tmp_path)
+    cmd = launched[0]
+    config = Path(cmd[cmd.index("--config_file") + 1])
+    assert config.name == f"{name}.yaml" and config.exists()
+    if name == "zero3":  # ZeRO settings accelerate's YAML cannot hold come from the shipped JSON
+        deepspeed_file = Path(cmd[cmd.index("--deepspeed_config_file") + 1])
+        settings = json.loads(deepspeed_file.read_text())
+        assert settings["zero_optimization"]["stage"] == 3
+        # accelerate refuses a config file next to these YAML keys
+        yaml_keys = set(yaml.safe_load(config.read_text())) | set(
+            yaml.safe_load(config.read_text())["deepspeed_config"]
+        )
+        assert not yaml_keys & {"mixed_precision", "zero_stage", "gradient_accumulation_steps", "gradient_clipping"}
+    else:
+        assert "--deepspeed_config_file" not in cmd
+    assert cmd[-2:] == ["vlm_inspect.train", str(tmp_path / "config.yaml")]
+
+
+def test_layers_compile_on_gpus_except_under_zero3():
+    from vlm_inspect.trainer import use_compile
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for name in (None, "ddp", "zero2", "fsdp"):
+        assert use_compile(TrainConfig(distributed=name), cuda)
+        assert not use_compile(TrainConfig(distributed=name), cpu)
+    assert not use_compile(TrainConfig(distributed="zero3"), cuda)
+    assert use_compile(TrainConfig(distributed="zero3", compile=True), cuda)
 
 
 def test_qlora_without_cuda_is_a_clear_error(tiny_model_dir: Path, spot_dataset: Path, tmp_path: Path):

@@ -99,7 +99,7 @@ class TrainConfig:
     gradient_checkpointing: bool | None = None
     """Recompute activations to save memory; unset recomputes as few layers as the GPU memory needs."""
     compile: bool | None = None
-    """torch.compile the language-model layers; unset: on for CUDA GPUs in one process or DDP, off on CPU and under ZeRO/FSDP."""
+    """torch.compile the language-model layers; unset: on for CUDA GPUs (one process, ddp, zero2, fsdp), off on CPU and under zero3."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Compute precision; auto is bf16 on a GPU that has it, fp32 on CPU."""
     seed: int = 0

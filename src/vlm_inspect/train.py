@@ -110,9 +110,9 @@ def select_gpus(gpus: str | None) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = gpus
 
 
-def accelerate_config_path(name: str) -> Path:
-    """The shipped accelerate config for ddp, zero2, zero3 or fsdp."""
-    return Path(str(resources.files("vlm_inspect") / "configs" / "accelerate" / f"{name}.yaml"))
+def accelerate_config_path(name: str, suffix: str = ".yaml") -> Path:
+    """The shipped accelerate config for ddp, zero2, zero3 or fsdp (or, with suffix .json, its DeepSpeed file)."""
+    return Path(str(resources.files("vlm_inspect") / "configs" / "accelerate" / f"{name}{suffix}"))
 
 
 def launch_distributed(cfg: TrainConfig, run: Path) -> Path:
@@ -129,6 +129,9 @@ def launch_distributed(cfg: TrainConfig, run: Path) -> Path:
         "--config_file",
         str(accelerate_config_path(cfg.distributed)),
     ]
+    deepspeed_file = accelerate_config_path(cfg.distributed, ".json")
+    if deepspeed_file.exists():  # settings accelerate's YAML cannot hold; a path given here needs no cwd
+        cmd += ["--deepspeed_config_file", str(deepspeed_file)]
     cmd += ["--num_processes", str(processes), "--main_process_port", str(_free_port())]
     if cuda:  # on CPU the same config runs N gloo processes through torchrun
         cmd += ["--gpu_ids", ",".join(gpu_ids)]

@@ -222,9 +222,8 @@ def test_launcher_gets_the_shipped_config_by_name(name: str, tmp_path: Path, mon
         settings = json.loads(deepspeed_file.read_text())
         assert settings["zero_optimization"]["stage"] == 3
         # accelerate refuses a config file next to these YAML keys
-        yaml_keys = set(yaml.safe_load(config.read_text())) | set(
-            yaml.safe_load(config.read_text())["deepspeed_config"]
-        )
+        launcher = yaml.safe_load(config.read_text())
+        yaml_keys = set(launcher) | set(launcher["deepspeed_config"])
         assert not yaml_keys & {"mixed_precision", "zero_stage", "gradient_accumulation_steps", "gradient_clipping"}
     else:
         assert "--deepspeed_config_file" not in cmd

@@ -41,6 +41,18 @@ def test_tiny_model_is_deterministic_for_a_seed(tmp_path: Path):
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
 
 
+def test_tiny_model_output_std_redraws_only_the_lm_head():
+    """The demo's base starts its output rows at 1/sqrt(width) so untrained OK/NG rows are not near-equal."""
+    from vlm_inspect.models.tiny import build_tiny_model, build_tokenizer
+
+    tok = build_tokenizer()
+    plain, wide = build_tiny_model(tok, seed=0), build_tiny_model(tok, seed=0, output_std=0.1)
+    assert abs(float(plain.lm_head.weight.std()) - 0.02) < 0.003
+    assert abs(float(wide.lm_head.weight.std()) - 0.1) < 0.01
+    rest = [n for n, _ in plain.named_parameters() if not n.startswith("lm_head")]
+    assert all(torch.equal(plain.get_parameter(n), wide.get_parameter(n)) for n in rest)
+
+
 def test_loader_loads_tiny_in_requested_dtype(tiny_model_dir: Path):
     model = load_model(tiny_model_dir, dtype="bf16", device="cpu")
     assert next(model.parameters()).dtype == torch.bfloat16

@@ -11,6 +11,7 @@ Run as: vlm-inspect tiny-model OUT [--seed N]
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -83,8 +84,12 @@ def build_tiny_model(
     vision_hidden: int = 64,
     text_hidden: int = 96,
     text_layers: int = 2,
+    output_std: float | None = None,
 ) -> LlavaForConditionalGeneration:
-    """Random-weight LLaVA-1.5 of small size (the projector and towers shaped like the real one)."""
+    """Random-weight LLaVA-1.5 of small size (the projector and towers shaped like the real one).
+
+    `output_std` redraws the language model's output rows (the LM head) at that standard deviation; None
+    leaves them at the config's initializer range (0.02)."""
     vocab = -(-len(tokenizer) // 64) * 64  # grown to a multiple of 64, as llava-hf does
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,
@@ -121,6 +126,8 @@ def build_tiny_model(
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
+    if output_std is not None:
+        torch.nn.init.normal_(model.lm_head.weight, std=output_std)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -143,11 +150,12 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = 64, pa
     )
 
 
-def save_tiny_model(out: str | Path, seed: int = 0, **sizes: int) -> Path:
-    """Build the tiny model, its tokenizer and processor, and save all three to `out`."""
+def save_tiny_model(out: str | Path, seed: int = 0, **options: Any) -> Path:
+    """Build the tiny model (`options` as `build_tiny_model` takes them), its tokenizer and processor, and save
+    all three to `out`."""
     out = Path(out)
     tokenizer = build_tokenizer()
-    model = build_tiny_model(tokenizer, seed=seed, **sizes)
+    model = build_tiny_model(tokenizer, seed=seed, **options)
     image_size = model.config.vision_config.image_size
     processor = build_processor(tokenizer, image_size, model.config.vision_config.patch_size)
     out.mkdir(parents=True, exist_ok=True)

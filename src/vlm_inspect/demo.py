@@ -4,10 +4,10 @@
    test set of hundreds, and a larger captioned set for the base model.
 2. The demo's base model: a tiny LLaVA-1.5 trained from random weights in two steps that stand in
    for the pretraining a real LLaVA has had. First its vision tower alone learns to see marks: for
-   each of the 8 × 8 patches of a captioned photo, moved by a few pixels, it predicts whether a mark shows
-   there (a small head, thrown away afterwards). Then projector and language model learn captions that describe each
-   photo (the box, and any mark on it) without ever saying OK or NG. The base can see and
-   describe, but it was never taught to inspect.
+   each of the 8 × 8 patches of a captioned photo, moved by a few pixels, it predicts whether a mark
+   shows there (a small head, thrown away afterwards). Then projector and language model learn captions
+   that describe each photo (the box, and any mark on it) without ever saying OK or NG. The base can
+   see and describe, but it was never taught to inspect.
 3. `prepare` → `train` (LoRA, the normal verb and code path) → `evaluate` base vs tuned.
 
 Run as: vlm-inspect demo [--out DIR] [--fast]
@@ -80,7 +80,8 @@ FAST = DemoSize(
 # the tiny model learns from scratch, so it needs a larger learning rate than a pretrained 7B.
 # The caption stage leaves the vision tower as its own stage trained it: the captions carry one bit
 # of "is there a mark" per photo, far less than the patch labels, and only blur what the tower learnt.
-# At 2e-3 rather than 1e-3 the captioner missed 2-4 rather than 4-6 of 100 held-out marks (three seeds).
+# At 2e-3 rather than 1e-3 the captioner missed 2-4 rather than 4-6 of 100 held-out marks (three seeds, before
+# TOWER_SHIFT and LM_LAYERS).
 BASE_STAGE = ["method=full", "lr=2e-3", "projector_lr=2e-3", "batch_size=16"]
 VISION_STAGE_LR = 3e-3
 VISION_STAGE_BATCH = 32

@@ -9,7 +9,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from vlm_inspect.errors import ModelFolderError
 from vlm_inspect.models.load import load_model, load_processor
 from vlm_inspect.models.template import render_prompt
-from vlm_inspect.models.tiny import save_tiny_model
+from vlm_inspect.models.tiny import build_tiny_model, build_tokenizer, save_tiny_model
 
 
 def test_tiny_model_round_trips_through_plain_transformers(tiny_model_dir: Path):
@@ -43,8 +43,6 @@ def test_tiny_model_is_deterministic_for_a_seed(tmp_path: Path):
 
 def test_tiny_model_output_std_redraws_only_the_lm_head():
     """The demo's base starts its output rows at 1/sqrt(width) so untrained OK/NG rows are not near-equal."""
-    from vlm_inspect.models.tiny import build_tiny_model, build_tokenizer
-
     tok = build_tokenizer()
     plain, wide = build_tiny_model(tok, seed=0), build_tiny_model(tok, seed=0, output_std=0.1)
     assert abs(float(plain.lm_head.weight.std()) - 0.02) < 0.003

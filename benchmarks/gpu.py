@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import gzip
 import json
 import platform
 import statistics
@@ -98,6 +99,7 @@ class Bench:
 
     def __init__(self, tiny: bool, steps: int, warmup: int, work: Path, out: Path | None, deadline: float):
         self.tiny, self.steps, self.warmup, self.work, self.out = tiny, steps, warmup, work, out
+        self.traces: Path | None = None  # folder for profiler timelines of one step per training row
         self.started, self.deadline = time.perf_counter(), deadline
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() and not tiny else torch.device("cpu")
         self.shape = SHAPES["tiny" if tiny else "7b"]
@@ -319,18 +321,76 @@ def reset_peak(device: torch.device) -> None:
 
 
 class StepTimes(TrainerCallback):
-    """Wall time at the end of every optimizer step, the GPU drained first."""
+    """Wall time at the start and end of every optimizer step, the GPU drained at the end.
 
-    def __init__(self, device: torch.device):
-        self.device, self.times = device, []
+    With `trace`, the profiler records step `trace_step` and the Trainer's work between it and the step
+    before (logging, fetching the batch); that step is left out of the rate.
+    """
+
+    def __init__(self, device: torch.device, trace: Path | None = None, trace_step: int = 0):
+        self.device, self.times, self.begins = device, [], []
+        self.trace, self.trace_step, self.profiler = trace, trace_step, None
+        self.gc_ms: list[float] = []  # Python garbage collections during training: ms each (gen 2 only)
+        gc.callbacks.append(self._gc)
+        self._gc_started = 0.0
+
+    def _gc(self, phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_ms.append(round(1000 * (time.perf_counter() - self._gc_started), 1))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._gc in gc.callbacks:
+            gc.callbacks.remove(self._gc)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.begins.append(time.perf_counter())
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         sync(self.device)
         self.times.append(time.perf_counter())
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            write_trace(self.profiler, self.trace)
+            self.profiler = None
+        elif self.trace and state.global_step + 1 == self.trace_step:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.profiler.__enter__()
+
+    def timed(self, warmup: int) -> slice:
+        return slice(warmup, self.trace_step - 1 if self.trace else None)  # the traced step is not timed
 
     def rate(self, batch: int, warmup: int) -> float:
-        timed = self.times[warmup:]
+        timed = self.times[self.timed(warmup)]
         return batch * (len(timed) - 1) / (timed[-1] - timed[0])
+
+    def split_ms(self, warmup: int) -> dict[str, float]:
+        """Median ms inside a step (begin to end) and between steps (end to the next begin)."""
+        ends, begins = self.times[self.timed(warmup)], self.begins[self.timed(warmup)]
+        inside = [e - b for b, e in zip(begins, ends, strict=False)]
+        between = [b - e for e, b in zip(ends, begins[1:], strict=False)]
+        stats = torch.cuda.memory_stats(self.device) if self.device.type == "cuda" else {}
+        return {
+            "in_step_ms": round(1000 * statistics.median(inside), 1),
+            "between_steps_ms": round(1000 * statistics.median(between), 1) if between else None,
+            "step_ms": [round(1000 * (b - a), 1) for a, b in zip(ends, ends[1:], strict=False)],
+            "gen2_gc_ms": self.gc_ms,
+            "alloc_retries": stats.get("num_alloc_retries"),
+        }
+
+
+def write_trace(prof: Any, path: Path) -> None:
+    """The profiler's timeline as gzipped Chrome-trace JSON (open in Perfetto)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = path.with_suffix("")
+    prof.export_chrome_trace(str(raw))
+    path.write_bytes(gzip.compress(raw.read_bytes()))
+    raw.unlink()
 
 
 def release(bench: Bench, peft_model: Any, *objects: Any) -> None:
@@ -407,6 +467,7 @@ def train_stock(bench: Bench, work: str, setup: str, batch: int, checkpointing: 
         reset_peak(bench.device)
         trainer.train()
         row.rate, row.peak_gib = timer.rate(batch, bench.warmup), peak_gib(bench.device)
+        row.detail.update(timer.split_ms(bench.warmup))
         row.mfu = bench.mfu(bench.train_flops(supervised_tokens(bench)), row.rate)
     except Exception as err:  # a failed row is reported, the others still run
         row.error = f"{type(err).__name__}: {err}"[:400]
@@ -423,8 +484,15 @@ def train_ours(
     budget_gib: float | None = None,
     **settings: Any,
 ) -> Row:
-    """vlm-inspect's path: TrainConfig defaults, apply_lora, choose_batch_size, build_trainer."""
+    """vlm-inspect's path: TrainConfig defaults, apply_lora, choose_batch_size, build_trainer.
+
+    `undo` (a tuple of names) puts back stock behaviour the defaults changed, to measure what each bought:
+    "gc" (the collector sees every object), "vision" (the vision tower checkpointed and back-propagated
+    through, as transformers leaves it), "vision_compile" (the vision layers run eagerly), "bookkeeping"
+    (the Trainer's FLOP count walking every module on each step, and its NaN filter reading the loss back).
+    """
     forced_layers = settings.pop("checkpoint_layers", None)
+    undo = settings.pop("undo", ())
     cfg = TrainConfig(
         model="(in memory)", data=str(bench.data), out=str(bench.work / "run"), batch_size=batch, **settings
     )
@@ -447,17 +515,21 @@ def train_ours(
             estimate = trainer_module.estimate_memory_gib(model, chosen, seq, forced_layers)
             checkpointing = trainer_module.Checkpointing(forced_layers, checkpointing.total, estimate)
         row.batch = chosen
-        plan = Plan(len(dataset), 1, chosen, 1, len(dataset) // chosen, bench.warmup + bench.steps, 1.0, 0, 10**9)
+        steps = bench.warmup + bench.steps + (1 if bench.traces else 0)  # the traced step comes after the timed ones
+        plan = Plan(len(dataset), 1, chosen, 1, len(dataset) // chosen, steps, 1.0, 0, 10**9)
         trainer = trainer_module.build_trainer(
             cfg, bench.work / "run", model, dataset, collator(bench), plan, bench_dtype(bench), checkpointing, None
         )
         trainer.args.disable_tqdm = True
-        timer = StepTimes(bench.device)
+        undo_defaults(trainer, model, undo)
+        trace = bench.traces / f"trainer-{slug(work, setup)}.json.gz" if bench.traces else None
+        timer = StepTimes(bench.device, trace if bench.device.type == "cuda" else None, steps)
         trainer.add_callback(timer)
         reset_peak(bench.device)
         started = time.perf_counter()
         trainer.train()
         row.rate, row.peak_gib = timer.rate(chosen, bench.warmup), peak_gib(bench.device)
+        row.detail.update(timer.split_ms(bench.warmup))
         row.mfu = bench.mfu(bench.train_flops(supervised_tokens(bench)), row.rate)
         row.detail.update(
             checkpointing=str(checkpointing),
@@ -472,6 +544,24 @@ def train_ours(
     trainer_module.gpu_memory_gib = real_budget
     release(bench, model, trainer)
     return bench.record(row)
+
+
+def undo_defaults(trainer: Any, model: Any, undo: tuple[str, ...]) -> None:
+    """Stock behaviour back for the named defaults (see `train_ours`)."""
+    if "gc" in undo:
+        trainer.remove_callback(trainer_module.FreezeLongLivedObjects)
+    if "vision" in undo:
+        base = model.get_base_model()
+        base.enable_input_require_grads()
+        for module in base.model.vision_tower.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = True
+    if "vision_compile" in undo:
+        for parent, name in compile_slots(model)[: -len(trainer_module.language_layers(model))]:
+            getattr(parent, name)._compiled_call_impl = None  # what Module.compile set
+    if "bookkeeping" in undo:
+        trainer.floating_point_ops = lambda inputs: Trainer.floating_point_ops(trainer, inputs)
+        trainer.args.logging_nan_inf_filter = True
 
 
 def collator(bench: Bench) -> Collator:
@@ -516,6 +606,31 @@ def train_rows(bench: Bench, only_ours: bool = False, plan_only: bool = False) -
         ("LoRA train, batch 8", "ours, no compile (24 GB plan)", 8, {"budget_gib": card, "compile": False}),
         ("LoRA train, batch 8", "ours, dropout 0.05 (24 GB plan)", 8, {"budget_gib": card, "lora_dropout": 0.05}),
         ("LoRA train, batch 8", "ours, 16 of 32 layers checkpointed", 8, {"checkpoint_layers": 16}),
+        ("LoRA train, batch 8", "ours, GC sees every object (24 GB plan)", 8, {"budget_gib": card, "undo": ("gc",)}),
+        (
+            "LoRA train, batch 8",
+            "ours, vision tower back-propagated (24 GB plan)",
+            8,
+            {"budget_gib": card, "undo": ("vision",)},
+        ),
+        (
+            "LoRA train, batch 8",
+            "ours, stock Trainer bookkeeping (24 GB plan)",
+            8,
+            {"budget_gib": card, "undo": ("bookkeeping",)},
+        ),
+        (
+            "LoRA train, no checkpointing, batch 8",
+            "ours, vision layers eager",
+            8,
+            {"gradient_checkpointing": False, "undo": ("vision_compile",)},
+        ),
+        (
+            "LoRA train, batch 8",
+            "ours, before this session's step fixes (24 GB plan)",
+            8,
+            {"budget_gib": card, "undo": ("gc", "vision", "bookkeeping")},
+        ),
     ]
     if plan_only:
         plain, ours = [], [row for row in ours if is_main_ours(Row(*row[:3]))]
@@ -541,7 +656,7 @@ def probe_rows(bench: Bench) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     bench.build_model() if bench.model is None else None
-    for batch, ckpt in ((8, True), (8, False), (1, False)):
+    for batch, ckpt in ((8, False), (8, True)):
         cfg = TrainConfig(model="-", data=str(bench.data), out=str(bench.work / "probe"), batch_size=batch)
         model = trainer_module.apply_lora(bench.model, cfg)
         dataset = bench.dataset()
@@ -578,16 +693,57 @@ def probe_rows(bench: Bench) -> None:
         row.rate, row.peak_gib = batch / seconds, peak_gib(bench.device)
         row.mfu = bench.mfu(bench.train_flops(supervised_tokens(bench)), row.rate)
         if bench.device.type == "cuda":
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
                 step()
                 sync(bench.device)
             events = prof.key_averages()
             gpu_us = sum(e.self_device_time_total for e in events)
             row.detail["gpu_busy_ms"] = round(gpu_us / 1000, 1)
             row.detail["step_ms"] = round(1000 * seconds, 1)
-            print(events.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
+            row.detail["gpu_ms_by_kind"] = kernel_time_by_kind(events)
+            row.detail["matmul_ms_by_rank"] = matmul_time_by_rank(prof.key_averages(group_by_input_shape=True))
+            print(row.detail, flush=True)
+            print(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70), flush=True)
+            if bench.traces:
+                write_trace(prof, bench.traces / f"probe-{slug(row.work, row.setup)}.json.gz")
         release(bench, model, trainer)
         bench.record(row)
+
+
+def slug(*words: str) -> str:
+    return "-".join("".join(c if c.isalnum() else "-" for c in w.lower()) for w in words).replace("--", "-")
+
+
+def kernel_time_by_kind(events: Any) -> dict[str, float]:
+    """GPU milliseconds of one profiled step per kernel kind (matched on the kernel name)."""
+    kinds = {
+        "matmul": ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas"),
+        "attention": ("flash", "fmha", "attention"),
+        "optimizer": ("adam", "multi_tensor"),
+        "triton (fused)": ("triton",),
+        "copy/cast": ("copy", "memcpy", "memset", "cast", "fill"),
+    }
+    out: dict[str, float] = {}
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CUDA or not e.self_device_time_total:
+            continue
+        name = e.key.lower()
+        kind = next((k for k, words in kinds.items() if any(w in name for w in words)), "other")
+        out[kind] = out.get(kind, 0.0) + e.self_device_time_total / 1000
+    return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def matmul_time_by_rank(events: Any) -> dict[str, float]:
+    """GPU milliseconds of aten matmuls split by whether one side is LoRA-rank-sized (<= 256): LoRA's
+    skinny matmuls against the frozen weights' big ones."""
+    out = {"big": 0.0, "lora (a dim <= 256)": 0.0}
+    for e in events:
+        if e.key not in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm") or not e.device_time_total:
+            continue
+        dims = [d for shape in e.input_shapes if isinstance(shape, list) for d in shape]
+        key = "lora (a dim <= 256)" if dims and min(dims) <= 256 else "big"
+        out[key] += e.device_time_total / 1000
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 # ------------------------------------------------------------------ inference rows
@@ -862,6 +1018,7 @@ def qlora_rows(bench: Bench, only_ours: bool = False) -> None:
             trainer.args.disable_tqdm = True
             trainer.train()
             row.rate, row.peak_gib = timer.rate(chosen, bench.warmup), peak_gib(bench.device)
+            row.detail.update(timer.split_ms(bench.warmup))
             row.mfu = bench.mfu(bench.train_flops(supervised_tokens(bench)), row.rate)
         except Exception as err:
             row.error = f"{type(err).__name__}: {err}"[:400]
@@ -1001,10 +1158,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile happens here)")
     parser.add_argument("--only-ours", action="store_true", help="skip the plain and peer rows")
     parser.add_argument("--deadline", type=float, default=540, help="seconds after which remaining rows are skipped")
+    parser.add_argument("--traces", type=Path, default=None, help="folder for one profiled step per training row")
     args = parser.parse_args()
     sections = set(args.only.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(args.tiny, args.steps, args.warmup, Path(tmp), args.out, args.deadline)
+        bench.traces = args.traces
         if "probe" in sections:
             probe_rows(bench)
         if "train" in sections or "plan" in sections:

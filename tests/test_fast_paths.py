@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from transformers import LlavaForConditionalGeneration, TrainingArguments
+from transformers import LlavaForConditionalGeneration, Trainer, TrainingArguments
 
 from vlm_inspect import trainer as trainer_module
 from vlm_inspect.config import TrainConfig
@@ -101,6 +102,58 @@ def test_partial_checkpointing_gives_the_same_gradients(tiny_model_dir: Path, ba
         results.append(lora_grads(model))
     for name, grad in results[0].items():
         torch.testing.assert_close(results[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_checkpointing_leaves_the_frozen_vision_tower_out_of_the_backward(tiny_model_dir: Path, batch):
+    def vision_outputs_require_grad(model: torch.nn.Module) -> tuple[list[bool], Any]:
+        vision = model.get_base_model().model.vision_tower
+        layers = [m for m in vision.modules() if hasattr(m, "gradient_checkpointing")]
+        seen: list[bool] = []
+        for layer in layers:
+            layer.register_forward_hook(lambda _m, _a, out: seen.append(out[0].requires_grad))
+        return seen, layers
+
+    stock = lora_model(tiny_model_dir)
+    seen, _ = vision_outputs_require_grad(stock)
+    stock.get_base_model().gradient_checkpointing_enable()  # what transformers does on its own
+    stock(**batch)
+    assert seen and all(seen)  # the tower would be recomputed and back-propagated through
+
+    model = lora_model(tiny_model_dir)
+    seen, vision_layers = vision_outputs_require_grad(model)
+    apply_checkpointing(model, Checkpointing(2, 2))
+    loss = model(**batch).loss
+    assert seen and not any(seen)
+    assert not any(m.gradient_checkpointing for m in vision_layers)
+    assert all(layer.gradient_checkpointing for layer in trainer_module.language_layers(model))
+    loss.backward()  # LoRA and projector still get gradients
+    grads = lora_grads(model)
+    assert any("lora_A" in n for n in grads) and any("multi_modal_projector" in n for n in grads)
+
+
+def test_flop_estimate_is_the_stock_one_with_the_weights_counted_once(tiny_model_dir: Path, batch, tmp_path: Path):
+    model = lora_model(tiny_model_dir)
+    trainer = trainer_for(model, tmp_path)
+    stock = Trainer.floating_point_ops(trainer, batch)
+    calls = []
+    count = model.num_parameters
+    model.num_parameters = lambda **kw: calls.append(kw) or count(**kw)
+    assert [trainer.floating_point_ops(batch) for _ in range(3)] == [stock] * 3 and stock > 0
+    assert len(calls) == 1
+
+
+def test_objects_alive_at_the_start_and_after_step_one_skip_the_collector_until_training_ends():
+    from transformers import TrainerState
+
+    callback, state = trainer_module.FreezeLongLivedObjects(), TrainerState()
+    callback.on_train_begin(None, state, None)
+    at_start = gc.get_freeze_count()
+    model_made_in_step_one = [torch.nn.Linear(2, 2) for _ in range(50)]
+    state.global_step = 1
+    callback.on_step_end(None, state, None)
+    assert 0 < at_start < gc.get_freeze_count()
+    callback.on_train_end(None, state, None)
+    assert gc.get_freeze_count() == 0 and model_made_in_step_one
 
 
 def test_qlora_skip_list_keeps_vision_and_projector_in_16_bits(tiny_model_dir: Path):

@@ -263,7 +263,8 @@ EOS_CHECK_EVERY = 8
 
 
 def compile_slots(model: Any, prefill: bool = False) -> list[tuple[torch.nn.Module, str]]:
-    """(parent, attribute) of each module the GPU paths run through torch.compile, through a PEFT wrapper.
+    """(parent, attribute) of each module the GPU paths (and training) run through torch.compile, through a
+    PEFT wrapper.
 
     Every vision-tower layer, and every language-model layer for scoring (one graph the layers share), or
     for a KV-cache prefill the language model whole: each attention writes the cache at its own layer's

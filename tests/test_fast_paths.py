@@ -14,11 +14,11 @@ from transformers import LlavaForConditionalGeneration, Trainer, TrainingArgumen
 from vlm_inspect import trainer as trainer_module
 from vlm_inspect.config import TrainConfig
 from vlm_inspect.data.dataset import Collator, load_training_dataset
+from vlm_inspect.models.family import family_named
 from vlm_inspect.models.load import load_processor
 from vlm_inspect.models.template import render_prompt
 from vlm_inspect.predict import Predictor
 from vlm_inspect.trainer import (
-    QLORA_KEEP_UNQUANTIZED,
     Checkpointing,
     InspectTrainer,
     apply_checkpointing,
@@ -33,7 +33,7 @@ from vlm_inspect.trainer import (
 def batch(tiny_model_dir: Path, spot_dataset: Path) -> dict[str, torch.Tensor]:
     """Four samples of different lengths (one and two answers), right-padded by the training collator."""
     processor = load_processor(tiny_model_dir)
-    dataset = load_training_dataset(spot_dataset, processor, image_seq_length=64, max_length=512)
+    dataset = load_training_dataset(spot_dataset, processor, max_length=512)
     return Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
 
 
@@ -162,7 +162,7 @@ def test_qlora_skip_list_keeps_vision_and_projector_in_16_bits(tiny_model_dir: P
 
     model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    converted = {n for n in linears if should_convert_module(n, QLORA_KEEP_UNQUANTIZED)}
+    converted = {n for n in linears if should_convert_module(n, family_named("llava").qlora_keep_unquantized())}
     assert converted and all(".language_model.layers." in n for n in converted)
     assert all(n in converted for n in linears if ".language_model.layers." in n)
     short_names = ["vision_tower", "multi_modal_projector", "lm_head"]  # what the seed (and issue 10) used
@@ -200,7 +200,7 @@ def meta_7b() -> torch.nn.Module:
 
 
 class SevenBData:
-    tokens = [type("Tokens", (), {"input_ids": [0] * 640})()] * 64
+    lengths = [640] * 64
 
     def __len__(self) -> int:
         return 64
@@ -266,7 +266,7 @@ def test_greedy_decoder_gives_the_tokens_of_generate(tiny_model_dir: Path, devic
 def test_compiled_modules_give_the_same_logits_and_are_swapped_back(tiny_model_dir: Path, monkeypatch, prefill: bool):
     """The GPU paths' compiled modules (traced by dynamo; the eager backend keeps the test fast on CPU):
     vision layers, and language-model layers for scoring or the whole language model for describe's prefill."""
-    from vlm_inspect import predict as predict_module
+    from vlm_inspect.models import fast_paths as predict_module
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda module, **kw: real_compile(module, backend="eager", **kw))
@@ -297,7 +297,7 @@ def test_stacked_projections_give_the_same_outputs_in_one_matmul_when_compiled(t
     shared with the originals, and once compiled one matmul where there were three (two)."""
     from torch._dynamo.backends.common import aot_autograd
 
-    from vlm_inspect import predict as predict_module
+    from vlm_inspect.models import fast_paths as predict_module
 
     predictor = Predictor.load(tiny_model_dir, device="cpu", dtype="fp32")
     layer = predictor.model.model.language_model.layers[0]

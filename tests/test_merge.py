@@ -20,9 +20,9 @@ from vlm_inspect.config import MergeConfig, TrainConfig, save_config
 from vlm_inspect.errors import ConfigError, ModelFolderError, OutputExistsError
 from vlm_inspect.merge import merge, probe_inputs
 from vlm_inspect.models.adapter import attach_adapter
-from vlm_inspect.models.load import load_model
+from vlm_inspect.models.family import family_named
+from vlm_inspect.models.load import load_model, load_processor
 from vlm_inspect.models.template import render_prompt
-from vlm_inspect.trainer import QLORA_KEEP_UNQUANTIZED
 
 LANGUAGE_LINEARS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 QUESTION = "Is the box OK or defective?"
@@ -167,15 +167,16 @@ def test_qlora_run_is_merged_onto_the_unquantized_base(tmp_path: Path, tiny_mode
     assert "merged onto the unquantized base" in " ".join(capsys.readouterr().out.split())
 
 
-def test_probes_come_from_the_run_dataset_else_a_drawn_image(dataset: Path, tmp_path: Path):
-    probes = probe_inputs({"data": str(dataset)})
+def test_probes_come_from_the_run_dataset_else_a_drawn_image(dataset: Path, tmp_path: Path, tiny_model_dir: Path):
+    processor = load_processor(tiny_model_dir)
+    probes = probe_inputs({"data": str(dataset)}, processor)
     assert len(probes.images) == 2 and "train.json" in probes.source
     assert probes.texts[0] == (
         f"USER: <image>\n{QUESTION} ASSISTANT: NG. There is a black spot near the top left corner of the box.</s>"
     )
-    assert probe_inputs({"data": str(dataset / "train.json")}).texts == probes.texts
+    assert probe_inputs({"data": str(dataset / "train.json")}, processor).texts == probes.texts
     for config in ({}, {"data": str(tmp_path / "moved-away")}):
-        fallback = probe_inputs(config)
+        fallback = probe_inputs(config, processor)
         assert fallback.texts == [render_prompt("Is this product OK or NG?")] and "drawn" in fallback.source
 
 
@@ -214,7 +215,9 @@ def test_qlora_adapter_merges_onto_the_unquantized_base_on_gpu(tmp_path: Path, t
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=torch.bfloat16,
-        llm_int8_skip_modules=QLORA_KEEP_UNQUANTIZED,  # full-path prefixes keep the projector in bf16
+        llm_int8_skip_modules=family_named(
+            "llava"
+        ).qlora_keep_unquantized(),  # full-path prefixes keep the projector in bf16
     )
     base4 = load_model(tiny_model_dir, dtype="bf16", device="cuda", quantization_config=quantized)
     assert any(type(m).__name__ == "Linear4bit" for m in base4.modules())

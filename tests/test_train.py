@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 
 from vlm_inspect.cli import app
 from vlm_inspect.config import TrainConfig
-from vlm_inspect.data.dataset import IGNORE_INDEX, load_training_dataset, tokenize_conversation
+from vlm_inspect.data.dataset import IGNORE_INDEX, Collator, ConversationDataset, load_training_dataset
 from vlm_inspect.errors import ConfigError, DataError, OutputExistsError
 from vlm_inspect.models.load import load_processor
-from vlm_inspect.train import lr_factor, make_plan, train, validate
+from vlm_inspect.plan import lr_factor, make_plan
+from vlm_inspect.train import train, validate
 
 FAST = ["lora_r=8", "lora_alpha=16", "lr=1e-2", "projector_lr=2e-3", "lora_dropout=0", "save_total_limit=20"]
 runner = CliRunner()
@@ -58,30 +59,36 @@ def test_validation_lists_every_problem():
 # ------------------------------------------------------------------ labels
 
 
-def test_loss_covers_only_answers_and_end_of_turn(tiny_model_dir: Path):
-    tok = load_processor(tiny_model_dir).tokenizer
+def test_loss_covers_only_answers_and_end_of_turn(tiny_model_dir: Path, spot_dataset: Path):
+    processor = load_processor(tiny_model_dir)
+    tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids("<image>")
     turns = [("<image>\nIs this box OK or NG?", "NG. A black spot."), ("Describe the defects.", "A spot, top left.")]
-    t = tokenize_conversation(turns, tok, image_id, image_seq_length=64)
-    assert len(t.input_ids) == len(t.labels)
-    assert t.input_ids.count(image_id) == 64 and all(
-        lab == IGNORE_INDEX for i, lab in zip(t.input_ids, t.labels, strict=True) if i == image_id
+    sample = {
+        "id": "x",
+        "image": "images/001.png",
+        "conversations": [{"from": f, "value": v} for q, a in turns for f, v in (("human", q), ("gpt", a))],
+    }
+    item = ConversationDataset([sample], spot_dataset, processor, max_length=512)[0]
+    ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
+    assert len(ids) == len(labels) == len(item["attention_mask"])
+    assert ids.count(image_id) == 64 and all(
+        lab == IGNORE_INDEX for i, lab in zip(ids, labels, strict=True) if i == image_id
     )
-    supervised = [i for i, lab in zip(t.input_ids, t.labels, strict=True) if lab != IGNORE_INDEX]
+    supervised = [i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
     assert tok.decode(supervised) == " NG. A black spot.</s> A spot, top left.</s>"
-    assert t.input_ids[0] == tok.bos_token_id and t.labels[0] == IGNORE_INDEX
+    assert ids[0] == tok.bos_token_id and labels[0] == IGNORE_INDEX and ids[-1] == tok.eos_token_id
     # the whole text tokenised at once is what inference sees: the ids must match it
     text = "USER: <image>\nIs this box OK or NG? ASSISTANT: NG. A black spot.</s>"
-    assert t.input_ids[-1] == tok.eos_token_id
     expected = tok(text)["input_ids"]
-    collapsed = [i for k, i in enumerate(t.input_ids) if i != image_id or t.input_ids[k - 1] != image_id]
+    collapsed = [i for k, i in enumerate(ids) if i != image_id or ids[k - 1] != image_id]
     assert collapsed[: len(expected)] == expected
 
 
 def test_too_long_sample_is_an_error_naming_it(tiny_model_dir: Path, spot_dataset: Path):
     processor = load_processor(tiny_model_dir)
     with pytest.raises(DataError, match=r"s0 \(\d+ tokens\)"):
-        load_training_dataset(spot_dataset, processor, image_seq_length=64, max_length=70)
+        load_training_dataset(spot_dataset, processor, max_length=70)
 
 
 # ------------------------------------------------------------------ runs
@@ -130,8 +137,8 @@ def test_lora_and_projector_change_base_does_not(lora_run: Path, tiny_model_dir:
         LlavaForConditionalGeneration.from_pretrained(tiny_model_dir), lora_run / "adapter"
     )
     processor = load_processor(tiny_model_dir)
-    dataset = load_training_dataset(spot_dataset, processor, image_seq_length=64, max_length=512)
-    batch = {k: v[None] for k, v in dataset[1].items() if k != "labels"}
+    dataset = load_training_dataset(spot_dataset, processor, max_length=512)
+    batch = {k: v for k, v in Collator(processor.tokenizer.pad_token_id)([dataset[1]]).items() if k != "labels"}
     with torch.no_grad():
         base_logits = base(**batch).logits
         with tuned.disable_adapter():
@@ -230,15 +237,19 @@ def test_launcher_gets_the_shipped_config_by_name(name: str, tmp_path: Path, mon
     assert cmd[-2:] == ["vlm_inspect.train", str(tmp_path / "config.yaml")]
 
 
-def test_layers_compile_on_gpus_except_under_zero3():
+def test_layers_compile_on_gpus_except_under_zero3_for_families_measured():
+    from vlm_inspect.models.family import family_named
     from vlm_inspect.trainer import use_compile
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    llava, qwen = family_named("llava"), family_named("qwen2_5_vl")
     for name in (None, "ddp", "zero2", "fsdp"):
-        assert use_compile(TrainConfig(distributed=name), cuda)
-        assert not use_compile(TrainConfig(distributed=name), cpu)
-    assert not use_compile(TrainConfig(distributed="zero3"), cuda)
-    assert use_compile(TrainConfig(distributed="zero3", compile=True), cuda)
+        assert use_compile(TrainConfig(distributed=name), cuda, llava)
+        assert not use_compile(TrainConfig(distributed=name), cpu, llava)
+        assert not use_compile(TrainConfig(distributed=name), cuda, qwen)  # not measured: off unless asked
+    assert not use_compile(TrainConfig(distributed="zero3"), cuda, llava)
+    assert use_compile(TrainConfig(distributed="zero3", compile=True), cuda, llava)
+    assert use_compile(TrainConfig(compile=True), cuda, qwen)
 
 
 def test_qlora_without_cuda_is_a_clear_error(tiny_model_dir: Path, spot_dataset: Path, tmp_path: Path):

@@ -93,7 +93,9 @@ class TrainConfig:
     max_length: int = 2048
     """Most tokens per sample, image tokens included; longer samples are an error, never cut."""
     image_aspect: Literal["pad", "crop"] = "pad"
-    """pad: LLaVA-1.5's square padding with the mean colour; crop: centre crop."""
+    """pad: LLaVA-1.5's square padding with the mean colour; crop: centre crop (fixed-view families only)."""
+    image_max_tokens: int | None = None
+    """Most image tokens one photo may cost (Qwen2.5-VL: one per 28 × 28 px, Qwen3-VL: 32 × 32, InternVL: 256 per 448 px tile); unset: 1280, saved in the run for every later verb. Fixed-view families (LLaVA-1.5: 576, Gemma 3: 256) ignore it."""
     augment: bool = True
     """Few-shot augmentation: flips, small rotations, brightness/contrast, mild crops."""
     gradient_checkpointing: bool | None = None
@@ -174,6 +176,8 @@ class PredictConfig:
     """Question asked; default is the first training question."""
     max_new_tokens: int = 64
     """Longest description, in tokens."""
+    image_max_tokens: int | None = None
+    """Most image tokens one photo may cost (Qwen2.5-VL: one per 28 × 28 px, Qwen3-VL: 32 × 32, InternVL: 256 per 448 px tile); unset: the run's, else 1280. Fixed-view families (LLaVA-1.5: 576, Gemma 3: 256) ignore it."""
     device: str = "auto"
     """cpu, cuda, cuda:1 ... or auto."""
     overwrite: bool = False
@@ -204,6 +208,8 @@ class EvaluateConfig:
     """Longest answer in the gallery, in tokens."""
     gallery_size: int = 48
     """Most images shown with answers in the report."""
+    image_max_tokens: int | None = None
+    """Most image tokens one photo may cost (Qwen2.5-VL: one per 28 × 28 px, Qwen3-VL: 32 × 32, InternVL: 256 per 448 px tile); unset: the run's, else 1280. Fixed-view families (LLaVA-1.5: 576, Gemma 3: 256) ignore it."""
     device: str = "auto"
     """cpu, cuda, cuda:1 ... or auto."""
     overwrite: bool = False
@@ -234,6 +240,8 @@ class ServeConfig:
     """A request waiting longer than this fails with 504."""
     max_new_tokens: int = 64
     """Longest description, in tokens."""
+    image_max_tokens: int | None = None
+    """Most image tokens one photo may cost (Qwen2.5-VL: one per 28 × 28 px, Qwen3-VL: 32 × 32, InternVL: 256 per 448 px tile); unset: the run's, else 1280. Fixed-view families (LLaVA-1.5: 576, Gemma 3: 256) ignore it."""
     device: str = "auto"
     """cpu, cuda, cuda:1 ... or auto."""
 

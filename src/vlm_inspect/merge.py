@@ -5,7 +5,8 @@ precision on a GPU), so a QLoRA run is merged onto the full-precision base, neve
 weights. The LoRA and the trained projector are folded in, the weights are cast to the requested
 precision and saved as a plain llava-hf folder. The saved folder is then loaded again and run on
 probe inputs next to the adapter model; if the largest logit difference exceeds what the saved
-precision explains, the merge fails and nothing is left at `out`.
+precision explains, the merge fails and nothing is left at `out`. Any family (models/family.py) merges the
+same way; the processor is saved with the run's image-token budget.
 """
 
 from __future__ import annotations
@@ -15,19 +16,19 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from PIL import Image, ImageDraw
 from rich.console import Console
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from vlm_inspect.config import RESOLVED_CONFIG_NAME, MergeConfig, require, save_config
 from vlm_inspect.errors import ConfigError, ModelFolderError
 from vlm_inspect.models.adapter import attach_adapter, resolve_adapter_dir
+from vlm_inspect.models.chat import prompt, render
 from vlm_inspect.models.convert import SHARD_SIZE, staged_folder
 from vlm_inspect.models.load import DTYPES, load_model, load_processor, resolve_device
-from vlm_inspect.models.template import conversation_segments, render_prompt
 
 TRAIN_CONFIG_NAME = "train_config.yaml"
 DEFAULT_QUESTION = "Is this product OK or NG?"
@@ -71,8 +72,8 @@ def merge(cfg: MergeConfig) -> Path:
     # fp32 on CPU: fp16 matmuls are missing or slow there, and the merge itself loses nothing.
     work_dtype = torch.float32 if device.type == "cpu" else DTYPES[cfg.dtype]
     with staged_folder(cfg.out, cfg.overwrite) as tmp:
-        processor = load_processor(cfg.model)
-        probes = probe_inputs(run_config)
+        processor = load_processor(cfg.model, run_config.get("image_max_tokens"))
+        probes = probe_inputs(run_config, processor)
         batch = _batch(processor, probes)
         adapter_logits = _merge_and_save(cfg, adapter_dir, tmp, batch, work_dtype, device)
         processor.save_pretrained(tmp)
@@ -127,7 +128,7 @@ def _check_settings(cfg: MergeConfig) -> None:
         raise ConfigError(problems)
 
 
-def merge_weights(model) -> LlavaForConditionalGeneration:
+def merge_weights(model: Any) -> Any:
     """Fold LoRA and the trained projector into the base; the plain model comes back."""
     return model.merge_and_unload()
 
@@ -151,7 +152,7 @@ def _read_yaml(path: Path) -> dict:
 # ------------------------------------------------------------------ probes
 
 
-def probe_inputs(run_config: dict) -> Probes:
+def probe_inputs(run_config: dict, processor: Any) -> Probes:
     """Up to MAX_PROBES image + conversation pairs from the run's training data.
 
     Falls back to a drawn box and a default question when the run names no dataset that can be
@@ -159,17 +160,17 @@ def probe_inputs(run_config: dict) -> Probes:
     """
     data = run_config.get("data")
     if data:
-        found = _dataset_probes(Path(data))
+        found = _dataset_probes(Path(data), processor)
         if found is not None:
             return found
     image = Image.new("RGB", (320, 240), (236, 236, 232))
     draw = ImageDraw.Draw(image)
     draw.rectangle((80, 50, 240, 190), fill=(250, 250, 250), outline=(90, 90, 90), width=3)
     draw.ellipse((110, 80, 130, 100), fill=(25, 25, 25))
-    return Probes([image], [render_prompt(DEFAULT_QUESTION)], "a drawn test image and a default question")
+    return Probes([image], [prompt(processor, DEFAULT_QUESTION)], "a drawn test image and a default question")
 
 
-def _dataset_probes(data: Path) -> Probes | None:
+def _dataset_probes(data: Path, processor: Any) -> Probes | None:
     """Probes from a dataset folder (its train.json) or a LLaVA JSON file; None if unreadable."""
     train_json, image_root = (data / "train.json", data) if data.is_dir() else (data, data.parent)
     try:
@@ -178,7 +179,7 @@ def _dataset_probes(data: Path) -> Probes | None:
         return None
     images, texts = [], []
     for record in records if isinstance(records, list) else []:
-        sample = _record_probe(record, image_root)
+        sample = _record_probe(record, image_root, processor)
         if sample:
             images.append(sample[0])
             texts.append(sample[1])
@@ -189,7 +190,7 @@ def _dataset_probes(data: Path) -> Probes | None:
     return Probes(images, texts, f"{len(images)} training sample(s) of {train_json}")
 
 
-def _record_probe(record: object, image_root: Path) -> tuple[Image.Image, str] | None:
+def _record_probe(record: object, image_root: Path, processor: Any) -> tuple[Image.Image, str] | None:
     """The image and first question + answer of one LLaVA-JSON record, or None if unusable."""
     if not isinstance(record, dict) or not isinstance(record.get("image"), str):
         return None
@@ -203,11 +204,12 @@ def _record_probe(record: object, image_root: Path) -> tuple[Image.Image, str] |
     except OSError:
         return None
     question, answer = conversations[0]["value"], conversations[1]["value"]
-    return image, "".join(text for text, _ in conversation_segments([(question, answer)]))
+    return image, render(processor, [(question, answer)])
 
 
-def _batch(processor: LlavaProcessor, probes: Probes) -> dict[str, torch.Tensor]:
-    return dict(processor(images=probes.images, text=probes.texts, padding=True, return_tensors="pt"))
+def _batch(processor: Any, probes: Probes) -> dict[str, torch.Tensor]:
+    images = [[image] for image in probes.images]
+    return dict(processor(images=images, text=probes.texts, padding=True, return_tensors="pt"))
 
 
 @torch.no_grad()

@@ -10,23 +10,16 @@ Run as: vlm-inspect train --model MODEL --data DATASET --out RUN [key=value ...]
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from vlm_inspect.config import TrainConfig, require, save_config
 from vlm_inspect.errors import ConfigError, OutputExistsError, VlmInspectError
-
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-PROJECTOR = "multi_modal_projector"
-CHECKPOINTS = "checkpoints"
-COMPLETE_MARKER = "checkpoint-complete"
-ADAPTER_DIR, FULL_MODEL_DIR = "adapter", "model"
+from vlm_inspect.plan import ADAPTER_DIR, CHECKPOINTS, FULL_MODEL_DIR, make_plan
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -52,6 +45,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"gpus: {cfg.gpus!r} is not a comma-separated list of GPU ids like 0,2")
     if cfg.train_vision_tower and cfg.method != "full":
         problems.append("train_vision_tower needs method=full")
+    if cfg.image_max_tokens is not None and cfg.image_max_tokens < 16:
+        problems.append(f"image_max_tokens: {cfg.image_max_tokens} is below 16; a photo would be a few pixels")
     if cfg.resume and cfg.overwrite:
         problems.append("resume and overwrite contradict each other; pick one")
     if problems:
@@ -65,6 +60,7 @@ def train(cfg: TrainConfig) -> Path:
         The run folder.
     """
     validate(cfg)
+    resolve_image_budget(cfg)
     run = Path(cfg.out)
     if cfg.distributed and "LOCAL_RANK" not in os.environ:
         prepare_run_folder(cfg, run)
@@ -75,6 +71,15 @@ def train(cfg: TrainConfig) -> Path:
     if "LOCAL_RANK" not in os.environ:
         prepare_run_folder(cfg, run)
     return _train_in_process(cfg, run)
+
+
+def resolve_image_budget(cfg: TrainConfig) -> None:
+    """Fix the run's image-token budget (the family's default when unset) so the saved config, and every
+    later verb that reads it, uses the resolution this run was trained at."""
+    from vlm_inspect.models.load import folder_family
+
+    if cfg.image_max_tokens is None:
+        cfg.image_max_tokens = folder_family(cfg.model).default_image_max_tokens
 
 
 def _cuda_available() -> bool:
@@ -154,56 +159,13 @@ def _free_port() -> int:
 # ------------------------------------------------------------------ in-process training
 
 
-@dataclass
-class Plan:
-    samples: int
-    world_size: int
-    batch_size: int
-    grad_accum: int
-    steps_per_epoch: int
-    total_steps: int
-    epochs: float
-    warmup_steps: int
-    save_steps: int
-
-    @property
-    def effective_batch(self) -> int:
-        return self.batch_size * self.grad_accum * self.world_size
-
-
-def make_plan(cfg: TrainConfig, samples: int, world_size: int, batch_size: int) -> Plan:
-    """Steps, epochs and warmup: with epochs unset, enough passes to reach min_steps."""
-    steps_per_epoch = max(1, math.ceil(samples / (batch_size * world_size)) // cfg.grad_accum)
-    if cfg.epochs is None:
-        total = max(cfg.min_steps, steps_per_epoch)
-        epochs = total / steps_per_epoch
-    else:
-        total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-        epochs = cfg.epochs
-    warmup = math.ceil(cfg.warmup_ratio * total) if cfg.warmup_ratio > 0 else 0
-    save_steps = max(1, math.ceil(cfg.save_fraction * total))
-    return Plan(samples, world_size, batch_size, cfg.grad_accum, steps_per_epoch, total, epochs, warmup, save_steps)
-
-
-def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
-    """Learning-rate multiplier. Warmup starts above 0, so no optimizer step is wasted at lr 0."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if kind == "linear":
-        return 1.0 - progress
-    return 1.0
-
-
 def _train_in_process(cfg: TrainConfig, run: Path) -> Path:
     import torch
     from accelerate import PartialState
     from transformers import set_seed
 
     from vlm_inspect.data.dataset import Collator, load_training_dataset
-    from vlm_inspect.models.load import load_processor, resolve_dtype
+    from vlm_inspect.models.load import folder_family, load_processor, resolve_dtype
     from vlm_inspect.trainer import (
         build_model,
         build_trainer,
@@ -217,13 +179,13 @@ def _train_in_process(cfg: TrainConfig, run: Path) -> Path:
     set_seed(cfg.seed)  # before the model: LoRA's A matrices are drawn at creation
     device = state.device
     dtype = resolve_dtype(cfg.precision, device)
-    processor = load_processor(cfg.model)
+    processor = load_processor(cfg.model, cfg.image_max_tokens)
     model, trainable = build_model(cfg, dtype, device)
     dataset = load_training_dataset(
         cfg.data,
         processor,
-        model.config.image_seq_length,
         max_length=cfg.max_length,
+        square_pad=folder_family(cfg.model).square_pad,
         image_aspect=cfg.image_aspect,
         augment=cfg.augment,
         seed=cfg.seed,

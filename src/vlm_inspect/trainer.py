@@ -22,18 +22,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from vlm_inspect.config import TrainConfig
 from vlm_inspect.data.dataset import IGNORE_INDEX
 from vlm_inspect.errors import ConfigError, VlmInspectError
-from vlm_inspect.models.load import load_model
-from vlm_inspect.predict import compile_slots
-from vlm_inspect.train import (
-    ADAPTER_DIR,
-    CHECKPOINTS,
-    COMPLETE_MARKER,
-    FULL_MODEL_DIR,
-    LORA_TARGETS,
-    PROJECTOR,
-    Plan,
-    lr_factor,
-)
+from vlm_inspect.models.family import LORA_TARGETS, Family, family_of_model
+from vlm_inspect.models.fast_paths import compile_slots
+from vlm_inspect.models.load import folder_family, load_model
+from vlm_inspect.plan import ADAPTER_DIR, CHECKPOINTS, COMPLETE_MARKER, FULL_MODEL_DIR, Plan, lr_factor
 
 console = Console()
 # Grow CUDA memory segments instead of adding fixed blocks: less fragmentation, so the memory plan holds.
@@ -43,28 +35,25 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 # ------------------------------------------------------------------ model
 
-# Module-name prefixes bitsandbytes must leave in bf16. transformers matches skip patterns from the start
-# of the full module name, so the short names ("multi_modal_projector") alone leave these quantized.
-QLORA_KEEP_UNQUANTIZED = ["model.vision_tower", "model.multi_modal_projector", "vision_tower", PROJECTOR, "lm_head"]
-
 
 def build_model(cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> tuple[Any, int]:
     """Base model with the chosen method applied; vision tower frozen. Returns (model, trainable count)."""
-    quant = _qlora_config(dtype) if cfg.method == "qlora" else None
+    family = folder_family(cfg.model)
+    quant = _qlora_config(dtype, family) if cfg.method == "qlora" else None
     if cfg.method == "qlora" and device.type != "cuda":
         raise ConfigError(["method: qlora needs a CUDA GPU (bitsandbytes 4-bit); use method=lora on this machine"])
     model = load_model(cfg.model, dtype=dtype, device=device, quantization_config=quant)
     if quant is not None:
-        check_vision_and_projector_unquantized(model, cfg.model)
+        check_vision_and_projector_unquantized(model, family, cfg.model)
     # No KV cache in training; the text config is what the language model reads (a cache there costs
     # memory and makes compiled layers recompile for every layer index).
     model.config.use_cache = model.config.get_text_config().use_cache = False
     model.requires_grad_(False)
     if cfg.method == "full":
-        model.model.language_model.requires_grad_(True)
+        family.inner(model).language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
-        model.model.multi_modal_projector.requires_grad_(cfg.train_projector)
-        model.model.vision_tower.requires_grad_(getattr(cfg, "train_vision_tower", False))
+        family.projector_module(model).requires_grad_(cfg.train_projector)
+        family.vision_tower(model).requires_grad_(getattr(cfg, "train_vision_tower", False))
     else:
         model = apply_lora(model, cfg)
         if cfg.method == "qlora":
@@ -82,7 +71,7 @@ def apply_lora(model: Any, cfg: TrainConfig) -> Any:
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=LORA_TARGETS,
-        modules_to_save=[PROJECTOR] if cfg.train_projector else None,
+        modules_to_save=[family_of_model(model).projector] if cfg.train_projector else None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
@@ -99,7 +88,7 @@ def keep_adapter_in(model: Any, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def _qlora_config(dtype: torch.dtype) -> Any:
+def _qlora_config(dtype: torch.dtype, family: Family) -> Any:
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
@@ -111,17 +100,17 @@ def _qlora_config(dtype: torch.dtype) -> Any:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
-        llm_int8_skip_modules=QLORA_KEEP_UNQUANTIZED,
+        llm_int8_skip_modules=family.qlora_keep_unquantized(),
     )
 
 
-def check_vision_and_projector_unquantized(model: Any, folder: Any) -> None:
+def check_vision_and_projector_unquantized(model: Any, family: Family, folder: Any) -> None:
     """Raise if bitsandbytes quantized any vision-tower or projector weight (the projector must train)."""
-    inner = model.model
+    parts = {family.vision: family.vision_tower(model), family.projector: family.projector_module(model)}
     quantized = [
         f"{part}.{name}"
-        for part in ("vision_tower", PROJECTOR)
-        for name, p in getattr(inner, part).named_parameters()
+        for part, module in parts.items()
+        for name, p in module.named_parameters()
         if not p.dtype.is_floating_point
     ]
     if quantized:
@@ -136,8 +125,7 @@ def check_vision_and_projector_unquantized(model: Any, folder: Any) -> None:
 
 def language_layers(model: Any) -> Any:
     """The decoder layers of the language model, through a PEFT wrapper if there is one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.language_model.layers
+    return family_of_model(model).language_layers(model)
 
 
 def apply_checkpointing(model: Any, checkpointing: Checkpointing) -> None:
@@ -166,7 +154,7 @@ def keep_vision_tower_out_of_backward(base: Any) -> None:
     checkpointing needs no input that requires grad, so the hooks can go.
     """
     base.disable_input_require_grads()
-    for module in base.model.vision_tower.modules():
+    for module in family_of_model(base).vision_tower(base).modules():
         if getattr(module, "gradient_checkpointing", False):
             module.gradient_checkpointing = False
 
@@ -182,15 +170,15 @@ def compile_layers(model: Any) -> None:
         getattr(parent, name).compile(dynamic=None)
 
 
-def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
+def use_compile(cfg: TrainConfig, device: torch.device, family: Family) -> bool:
     """Whether to compile the layers: the setting, or by default on CUDA in one process or under DDP,
-    ZeRO-2 or FSDP (measured on an H100: LoRA 1.5×, QLoRA 1.2× samples/s; on 2 H200s: ZeRO-2 1.31×,
-    FSDP 1.23×). Off on CPU, where compiling costs more than it saves, and under ZeRO-3, whose
-    parameter-gathering hooks run inside each layer."""
+    ZeRO-2 or FSDP for the families where it was measured (LLaVA-1.5 on an H100: LoRA 1.5×, QLoRA 1.2×
+    samples/s; on 2 H200s: ZeRO-2 1.31×, FSDP 1.23×). Off on CPU, where compiling costs more than it
+    saves, and under ZeRO-3, whose parameter-gathering hooks run inside each layer."""
     wanted = getattr(cfg, "compile", None)
     if wanted is not None:
         return bool(wanted)
-    return device.type == "cuda" and cfg.distributed != "zero3"
+    return device.type == "cuda" and cfg.distributed != "zero3" and family.fast_paths
 
 
 # ------------------------------------------------------------------ memory plan
@@ -283,7 +271,7 @@ def choose_batch_size(cfg: TrainConfig, model: Any, dataset: Any, device: torch.
     """
     layers = language_layers(model)
     total = len(layers)
-    seq = max(len(t.input_ids) for t in dataset.tokens)
+    seq = max(dataset.lengths)
     if cfg.gradient_checkpointing is None:
         options = list(range(total + 1))
     else:
@@ -328,7 +316,7 @@ def print_plan(
         ("learning rate / projector", f"{cfg.lr:g} / {cfg.projector_lr:g}"),
         ("trainable parameters", f"{trainable:,} ({100 * trainable / max(total, 1):.2f}%)"),
         ("activation checkpointing", str(checkpointing)),
-        ("compiled layers", "yes" if use_compile(cfg, torch.device(device)) else "no"),
+        ("compiled layers", "yes" if use_compile(cfg, torch.device(device), family_of_model(model)) else "no"),
         ("checkpoint every", f"{plan.save_steps} steps"),
     ]
     if checkpointing.estimate_gib is not None:
@@ -383,9 +371,10 @@ class InspectTrainer(Trainer):
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+            projector = family_of_model(opt_model).projector
             groups = [
-                {"params": [p for n, p in named if PROJECTOR not in n], "weight_decay": self.args.weight_decay},
-                {"params": [p for n, p in named if PROJECTOR in n], "weight_decay": 0.0, "lr": self.projector_lr},
+                {"params": [p for n, p in named if projector not in n], "weight_decay": self.args.weight_decay},
+                {"params": [p for n, p in named if projector in n], "weight_decay": 0.0, "lr": self.projector_lr},
             ]
             groups = [g for g in groups if g["params"]]
             optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
@@ -537,7 +526,7 @@ def build_trainer(
         total = len(language_layers(model))
         checkpointing = Checkpointing(total if checkpointing else 0, total)
     apply_checkpointing(model, checkpointing)
-    if use_compile(cfg, next(model.parameters()).device):
+    if use_compile(cfg, next(model.parameters()).device, family_of_model(model)):
         compile_layers(model)
     if cfg.report_to == "tensorboard":
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run / "tensorboard"))

@@ -1,6 +1,6 @@
 """Training samples: LLaVA conversation JSON → (input_ids, labels, pixel_values) for the Trainer.
 
-The loss covers only the assistant answers and the `</s>` after each; the question, the
+The loss covers only the assistant answers and the token that ends each turn; the question, the
 image placeholder tokens and padding are labelled -100. A sample longer than max_length is
 an error naming it: cutting it would silently drop image tokens or answers.
 """
@@ -19,7 +19,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from vlm_inspect.data.images import load_image
 from vlm_inspect.data.llava_json import read_llava_json
 from vlm_inspect.errors import DataError
-from vlm_inspect.models.template import IMAGE, conversation_segments
+from vlm_inspect.models.chat import Conversation, conversation
 
 IGNORE_INDEX = -100
 
@@ -87,73 +87,51 @@ def _mild_crop(image: Image.Image, boxes: list[list[float]], rng: random.Random)
     return image.crop((int(left), int(top), math.ceil(right), math.ceil(bottom)))
 
 
-@dataclass
-class Tokenized:
-    input_ids: list[int]
-    labels: list[int]
-
-
-def tokenize_conversation(
-    turns: list[tuple[str, str]], tokenizer: Any, image_token_id: int, image_seq_length: int
-) -> Tokenized:
-    """Token ids and labels for a whole conversation, image placeholder expanded.
-
-    Labels come from character spans: tokenising the full text once (as inference does)
-    and marking tokens that start inside an answer keeps the ids identical to what the model
-    sees at inference, whatever the tokenizer's handling of spaces.
-    """
-    pieces = conversation_segments(turns, eos=tokenizer.eos_token)
-    text, spans, pos = "", [], 0
-    for piece, supervised in pieces:
-        if supervised:
-            spans.append((pos, pos + len(piece)))
-        text += piece
-        pos += len(piece)
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-    ids, labels = [], []
-    for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
-        if tok == image_token_id:
-            ids.extend([image_token_id] * image_seq_length)
-            labels.extend([IGNORE_INDEX] * image_seq_length)
-            continue
-        supervised = end > start and any(a <= start < b for a, b in spans)
-        ids.append(tok)
-        labels.append(tok if supervised else IGNORE_INDEX)
-    return Tokenized(ids, labels)
-
-
 class ConversationDataset(torch.utils.data.Dataset):
-    """LLaVA JSON samples rendered for training; augmentation seeded by (seed, epoch, index)."""
+    """LLaVA JSON samples rendered for training by the processor; augmentation seeded by (seed, epoch, index).
+
+    The conversation text is rendered and tokenized once (`models.chat.conversation`); each item runs the
+    processor on its (augmented) photo and that text, so dynamic-resolution families get the image tokens
+    the photo really costs, and every side input the model needs (M-RoPE token types, Gemma's image mask)
+    comes with it. Labels are the answers' spans, shifted past the expanded image placeholder.
+    """
 
     def __init__(
         self,
         samples: list[dict],
         image_root: Path,
         processor: Any,
-        image_seq_length: int,
         max_length: int,
+        square_pad: bool = True,
         image_aspect: str = "pad",
         augment: bool = False,
         seed: int = 0,
     ):
         self.samples, self.image_root, self.processor = samples, image_root, processor
-        self.image_aspect, self.augment, self.seed = image_aspect, augment, seed
+        self.image_aspect = image_aspect if square_pad else "native"
+        self.augment, self.seed = augment, seed
         self.epoch = 0  # set by the trainer callback so augmentation is reproducible on resume
-        tok = processor.tokenizer
-        self.image_token_id = tok.convert_tokens_to_ids(IMAGE)
-        self.tokens = [
-            tokenize_conversation(conversation_turns(s), tok, self.image_token_id, image_seq_length) for s in samples
-        ]
+        self.conversations = [conversation(processor, conversation_turns(s)) for s in samples]
+        self.lengths = [self._estimated_length(s, c) for s, c in zip(samples, self.conversations, strict=True)]
         too_long = [
-            f"{s.get('id', i)} ({len(t.input_ids)} tokens)"
-            for i, (s, t) in enumerate(zip(samples, self.tokens, strict=True))
-            if len(t.input_ids) > max_length
+            f"{s.get('id', i)} ({n} tokens)"
+            for i, (s, n) in enumerate(zip(samples, self.lengths, strict=True))
+            if n > max_length
         ]
         if too_long:
             raise DataError(
                 f"samples longer than max_length={max_length} (image tokens included): {', '.join(too_long)}; "
-                "shorten them or raise max_length"
+                "shorten them, lower image_max_tokens or raise max_length"
             )
+
+    def _estimated_length(self, sample: dict, conv: Conversation) -> int:
+        """Tokens of a sample with its image expanded, from the photo's header (before augmentation)."""
+        with Image.open(self.image_root / sample["image"]) as image:
+            width, height = image.size
+        if self.image_aspect == "pad":
+            width = height = max(width, height)
+        counted = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
+        return len(conv.ids) - 1 + counted["num_image_tokens"][0]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -165,43 +143,47 @@ class ConversationDataset(torch.utils.data.Dataset):
             rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
             boxes = [d["box"] for d in sample.get("defects") or [] if d.get("box")]
             image = augment_image(image, boxes, rng)
-        tokens = self.tokens[index]
-        return {
-            "input_ids": torch.tensor(tokens.input_ids),
-            "labels": torch.tensor(tokens.labels),
-            "pixel_values": self.pixel_values(image)[0],
-        }
+        image = square_image(image, self.processor.image_processor.image_mean, self.image_aspect)
+        conv = self.conversations[index]
+        inputs = self.processor(images=[[image]], text=[conv.text], return_tensors="pt")
+        ids = inputs["input_ids"][0]
+        shift = len(ids) - len(conv.ids)  # the image placeholder's expansion; every answer comes after it
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for start, end in conv.spans:
+            if ids[start + shift : end + shift].tolist() != conv.ids[start:end]:
+                raise DataError(f"{sample.get('id', index)}: the processor's tokens do not line up with the answer")
+            labels[start + shift : end + shift] = ids[start + shift : end + shift]
+        per_token = inputs["input_ids"].shape
+        item = {k: (v[0] if v.shape == per_token else v) for k, v in inputs.items()}
+        return {**item, "labels": labels}
 
-    def pixel_values(self, image: Image.Image) -> torch.Tensor:
-        image_processor = self.processor.image_processor
-        image = square_image(image, image_processor.image_mean, self.image_aspect)
-        return image_processor(images=[image], return_tensors="pt")["pixel_values"]
 
-
-def load_training_dataset(
-    data: str | Path, processor: Any, image_seq_length: int, **kwargs: Any
-) -> ConversationDataset:
+def load_training_dataset(data: str | Path, processor: Any, **kwargs: Any) -> ConversationDataset:
     """Read and check the dataset, then wrap it for training."""
     json_path, image_root = dataset_paths(data)
     samples = read_llava_json(json_path, image_root)
     if not samples:
         raise DataError(f"{json_path}: no samples")
-    return ConversationDataset(samples, image_root, processor, image_seq_length, **kwargs)
+    return ConversationDataset(samples, image_root, processor, **kwargs)
 
 
 @dataclass
 class Collator:
-    """Right-pads a batch for training; padding is masked out of attention and loss."""
+    """Right-pads a batch for training: per-token inputs (ids, labels, mask and the family's side inputs) are
+    padded, the rest (pixels, image grids) concatenated; padding is masked out of attention and loss."""
 
     pad_token_id: int
 
     def __call__(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         length = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for row, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[row, :n], labels[row, :n], mask[row, :n] = b["input_ids"], b["labels"], 1
-        pixels = torch.stack([b["pixel_values"] for b in batch])
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
+        pad_values = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
+        out: dict[str, torch.Tensor] = {}
+        for key, first in batch[0].items():
+            if first.dim() == 1 and len(first) == len(batch[0]["input_ids"]):
+                padded = torch.full((len(batch), length), pad_values.get(key, 0), dtype=first.dtype)
+                for row, b in enumerate(batch):
+                    padded[row, : len(b[key])] = b[key]
+                out[key] = padded
+            else:
+                out[key] = torch.cat([b[key] for b in batch])
+        return out

@@ -1,17 +1,20 @@
-"""Load a llava-hf layout folder (the real 7B or the tiny one) with clear errors.
+"""Load a model folder of any supported family (models/family.py) with clear errors.
 
-Weights stream shard by shard to their device: no full fp32 copy is made in host RAM.
+Weights stream shard by shard to their device: no full fp32 copy is made in host RAM. Processors that ask
+for a video processor (Qwen, InternVL) load without one where torchvision is missing: photos need none.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlm_inspect.errors import ModelFolderError
+from vlm_inspect.models.family import Family, family_of, read_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
@@ -41,26 +44,19 @@ def check_model_folder(path: str | Path) -> Path:
         raise ModelFolderError(f"{folder}: no such model folder")
     if not folder.is_dir():
         raise ModelFolderError(f"{folder}: is a file, expected a model folder")
-    config_path = folder / "config.json"
-    if not config_path.exists():
+    if not (folder / "config.json").exists():
         if (folder / "adapter_config.json").exists():
             raise ModelFolderError(
                 f"{folder}: holds an adapter, not a model; pass it as --adapter and the base model as --model"
             )
         raise ModelFolderError(f"{folder}: missing config.json; is this a model folder?")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ModelFolderError(f"{config_path}: not valid JSON ({err})") from None
-    if any(k.startswith("mm_") for k in config) or config.get("model_type") == "llava_llama":
+    config = read_config(folder)
+    if "mm_vision_tower" in config or config.get("model_type") == "llava_llama":
         raise ModelFolderError(
             f"{folder}: this is the original LLaVA layout (liuhaotian/...); convert it first:\n"
             f"  vlm-inspect convert --llava {folder} --vision-tower CLIP_DIR --out {folder}-hf"
         )
-    if config.get("model_type") != "llava":
-        raise ModelFolderError(
-            f"{config_path}: model_type is {config.get('model_type')!r}, expected 'llava' (llava-hf layout)"
-        )
+    family_of(config.get("model_type"), folder / "config.json")
     missing = []
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         missing.append("weights (*.safetensors)")
@@ -73,14 +69,51 @@ def check_model_folder(path: str | Path) -> Path:
     return folder
 
 
-def load_processor(path: str | Path) -> LlavaProcessor:
-    """The folder's LlavaProcessor; left padding so batched prompts end together."""
+def folder_family(path: str | Path) -> Family:
+    """The family of a checked model folder, from its config.json."""
     folder = check_model_folder(path)
-    processor = AutoProcessor.from_pretrained(folder)
+    return family_of(read_config(folder).get("model_type"), folder / "config.json")
+
+
+def load_processor(path: str | Path, image_max_tokens: int | None = None) -> Any:
+    """The folder's processor with the family's chat template and resolution; left padding so batched
+    prompts end together."""
+    folder = check_model_folder(path)
+    family = folder_family(folder)
+    try:
+        processor = AutoProcessor.from_pretrained(folder)
+    except (ImportError, AttributeError, ValueError, OSError) as err:
+        if "video" not in str(err).lower() and "torchvision" not in str(err).lower():
+            raise ModelFolderError(f"{folder}: could not load the processor: {err}") from err
+        processor = _processor_without_video(folder)
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token is None:
         raise ModelFolderError(f"{folder}: the tokenizer has no pad token")
+    if family.chat_template is not None:
+        processor.chat_template = family.chat_template
+    if getattr(processor, "chat_template", None) is None:
+        raise ModelFolderError(f"{folder}: the processor has no chat template (chat_template.jinja)")
+    family.set_resolution(processor, image_max_tokens)
     return processor
+
+
+def without_video(cls: type) -> type:
+    """`cls` without its video processor, under the same name (so a saved folder names the real class).
+
+    The Qwen and InternVL processors require a video processor, which requires torchvision, whose PyPI
+    wheel does not import beside the CPU torch build; inspection photos never need it."""
+    attributes = [a for a in cls.get_attributes() if a != "video_processor"]
+    return type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda _: attributes)})
+
+
+def _processor_without_video(folder: Path) -> Any:
+    import transformers
+
+    name = json.loads((folder / "processor_config.json").read_text(encoding="utf-8")).get("processor_class", "")
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise ModelFolderError(f"{folder}: processor_config.json names an unknown processor {name!r}")
+    return without_video(cls).from_pretrained(folder)
 
 
 def load_model(
@@ -88,7 +121,7 @@ def load_model(
     dtype: torch.dtype | str = "auto",
     device: torch.device | str = "auto",
     quantization_config: object | None = None,
-) -> LlavaForConditionalGeneration:
+) -> Any:
     """Load weights straight to `device` in `dtype` (shard by shard, low host RAM)."""
     folder = check_model_folder(path)
     device = resolve_device(device) if isinstance(device, str) else device
@@ -101,7 +134,7 @@ def load_model(
     elif device.type != "cpu":
         kwargs["device_map"] = {"": device}
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(folder, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelFolderError(f"{folder}: could not load the model: {err}") from err
     return model

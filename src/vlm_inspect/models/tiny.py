@@ -47,8 +47,19 @@ IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 
 
-def build_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on a fixed corpus; `<s>` prepended like Llama's."""
+def build_tokenizer(
+    vocab_size: int = 600,
+    specials: tuple[str, ...] = (IMAGE_TOKEN,),
+    eos: str = "</s>",
+    add_bos: bool = True,
+    named: dict[str, str] | None = None,
+    chat_template: str | None = None,
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a fixed corpus; `<s>` prepended like Llama's (unless `add_bos` is off).
+
+    Other families' tiny models add their own special tokens (`specials`, in order, after `<pad>`), end turns
+    with their own `eos`, and name tokens their processor looks up as attributes (`named`, e.g.
+    `{"boi_token": "<start_of_image>"}`)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -60,9 +71,10 @@ def build_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
     )
     lines = [line for line in _CORPUS.splitlines() if line.strip()]
     tok.train_from_iterator(lines * 4, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -70,9 +82,14 @@ def build_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         model_max_length=4096,
         padding_side="left",
+        **({"extra_special_tokens": named} if named else {}),
     )
     fast.add_special_tokens({"pad_token": PAD_TOKEN})
-    fast.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    fast.add_tokens(list(specials), special_tokens=True)
+    if eos != "</s>":
+        fast.eos_token = eos
+    if chat_template is not None:
+        fast.chat_template = chat_template
     return fast
 
 

@@ -31,7 +31,7 @@ from PIL import Image
 from vlm_inspect.config import ServeConfig, require
 from vlm_inspect.data.images import load_image
 from vlm_inspect.errors import ConfigError, DataError, VlmInspectError
-from vlm_inspect.models.template import render_prompt
+from vlm_inspect.models.chat import prompt as render_prompt
 
 try:
     import uvicorn
@@ -201,7 +201,7 @@ def _add_api_routes(app: FastAPI, predictor: Any, cfg: ServeConfig, max_upload: 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(request: Request) -> Any:
         req = _validate(_ChatRequest, await _read_json(request))
-        data, prompt = _conversation(req.messages, predictor.default_question, max_upload)
+        data, prompt = _conversation(req.messages, predictor, max_upload)
         image = await _decode(data, "image_url")
         max_new = min(req.max_completion_tokens or req.max_tokens or cfg.max_new_tokens, cfg.max_new_tokens)
         batcher: Batcher = request.app.state.batcher
@@ -379,7 +379,7 @@ async def _decode(data: bytes, name: str) -> Image.Image:
 # ---------------------------------------------------------------- chat
 
 
-def _conversation(messages: list[_Message], default_question: str, max_upload: int) -> tuple[bytes, str]:
+def _conversation(messages: list[_Message], predictor: Any, max_upload: int) -> tuple[bytes, str]:
     """(image bytes, LLaVA prompt) from OpenAI chat messages holding exactly one image.
 
     System messages are left out: LLaVA-1.5 as tuned here has no system turn.
@@ -403,8 +403,9 @@ def _conversation(messages: list[_Message], default_question: str, max_upload: i
         raise ApiError(400, "the conversation must start and end with a user message")
     said = ["\n".join(t for t in texts if t.strip()) for _, texts in turns]
     questions, answers = said[0::2], said[1::2]
-    questions[0] = questions[0] or default_question
-    prompt = render_prompt(questions[-1], history=list(zip(questions[:-1], answers, strict=True)))
+    questions[0] = questions[0] or predictor.default_question
+    history = list(zip(questions[:-1], answers, strict=True))
+    prompt = render_prompt(predictor.processor, questions[-1], history=history)
     data = _image_url_bytes(images[0])
     _check_size(data, max_upload)
     return data, prompt
@@ -549,7 +550,9 @@ def serve(cfg: ServeConfig) -> None:
     check_serve_config(cfg)
     sock = _bind(cfg.host, cfg.port)
     try:
-        predictor = Predictor.load(cfg.model, adapter=cfg.adapter, device=cfg.device)
+        predictor = Predictor.load(
+            cfg.model, adapter=cfg.adapter, device=cfg.device, image_max_tokens=cfg.image_max_tokens
+        )
         if predictor.device.type == "cuda":
             print("vlm-inspect serve: compiling for the GPU before the first request (1–3 minutes)", flush=True)
         predictor.warm_up(cfg.max_batch, cfg.max_new_tokens)

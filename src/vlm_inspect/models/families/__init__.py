@@ -1,0 +1,1 @@
+"""One module per model family: its `FAMILY` record (models/family.py) and the recipe of its tiny model."""

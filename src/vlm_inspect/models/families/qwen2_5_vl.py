@@ -1,0 +1,106 @@
+"""Qwen2.5-VL: dynamic resolution (one image token per 28 × 28 px), M-RoPE positions, ChatML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer, vocab_size
+from vlm_inspect.models.family import Family
+
+IMAGE_PARTS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+MIN_TOKENS = 4
+
+
+def set_token_budget(processor: Any, tokens: int) -> None:
+    """Bound the photo's resized area so it costs at most `tokens` image tokens (transformers' smart_resize):
+    one token per (patch × merge)² pixels, 28 × 28 for Qwen2.5-VL, 32 × 32 for Qwen3-VL.
+
+    `size` is what transformers 5 reads (per-call min_pixels/max_pixels are deprecated)."""
+    image_processor = processor.image_processor
+    pixels_per_token = (image_processor.patch_size * image_processor.merge_size) ** 2
+    image_processor.size = {
+        "shortest_edge": MIN_TOKENS * pixels_per_token,
+        "longest_edge": tokens * pixels_per_token,
+    }
+
+
+def build_tiny(out: str | Path, seed: int = 0, vision_patch: int = 14) -> Path:
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessorPil,
+    )
+
+    from vlm_inspect.models.load import without_video
+
+    template = chatml_template("<|vision_start|><|image_pad|><|vision_end|>", "You are a helpful assistant.")
+    tok = chatml_tokenizer(IMAGE_PARTS, template)
+    ids = tok.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": vocab_size(tok),
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+            "max_position_embeddings": 4096,
+            "bos_token_id": None,
+            "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": tok.pad_token_id,
+            "tie_word_embeddings": False,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": vision_patch,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "fullatt_block_indexes": [1],
+            "window_size": 56,
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    image_processor = Qwen2VLImageProcessorPil(patch_size=vision_patch, merge_size=2, temporal_patch_size=2)
+    processor = without_video(Qwen2_5_VLProcessor)(
+        image_processor=image_processor, tokenizer=tok, chat_template=template
+    )
+    set_token_budget(processor, 64)
+    return save(out, model, processor, tok)
+
+
+def save(out: str | Path, model: Any, processor: Any, tokenizer: Any) -> Path:
+    """Save a tiny model with generation defaults that end answers at the turn's end."""
+    out = Path(out)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+FAMILY = Family(
+    name="qwen2_5_vl",
+    model_types=("qwen2_5_vl",),
+    vision="visual",
+    projector="visual.merger",
+    side_inputs=("mm_token_type_ids",),
+    default_image_max_tokens=1280,
+    apply_token_budget=set_token_budget,
+    build_tiny=build_tiny,
+)

@@ -1,0 +1,78 @@
+"""Qwen3-VL: dynamic resolution (one image token per 32 × 32 px), deepstack mergers, ChatML (no default system)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer, vocab_size
+from vlm_inspect.models.families.qwen2_5_vl import IMAGE_PARTS, save, set_token_budget
+from vlm_inspect.models.family import Family
+
+
+def build_tiny(out: str | Path, seed: int = 0) -> Path:
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+    from vlm_inspect.models.load import without_video
+
+    template = chatml_template("<|vision_start|><|image_pad|><|vision_end|>")
+    tok = chatml_tokenizer(IMAGE_PARTS, template)
+    ids = tok.convert_tokens_to_ids
+    config = Qwen3VLConfig(
+        text_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "vocab_size": vocab_size(tok),
+            "rope_parameters": {
+                "rope_type": "default",
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+                "rope_theta": 10000.0,
+            },
+            "max_position_embeddings": 4096,
+            "bos_token_id": None,
+            "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": tok.pad_token_id,
+            "tie_word_embeddings": False,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0],
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2)
+    processor = without_video(Qwen3VLProcessor)(image_processor=image_processor, tokenizer=tok, chat_template=template)
+    set_token_budget(processor, 64)
+    return save(out, model, processor, tok)
+
+
+FAMILY = Family(
+    name="qwen3_vl",
+    model_types=("qwen3_vl",),
+    vision="visual",
+    projector="visual.merger",
+    side_inputs=("mm_token_type_ids",),
+    default_image_max_tokens=1280,
+    apply_token_budget=set_token_budget,
+    build_tiny=build_tiny,
+)

@@ -6,6 +6,7 @@ Weights stream shard by shard to their device: no full fp32 copy is made in host
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -102,6 +103,6 @@ def load_model(
         kwargs["device_map"] = {"": device}
     try:
         model = LlavaForConditionalGeneration.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:  # a refused pickle in *.bin too
         raise ModelFolderError(f"{folder}: could not load the model: {err}") from err
     return model

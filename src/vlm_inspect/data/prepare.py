@@ -6,7 +6,9 @@ Input layouts, recognised automatically:
 - an MVTec AD category (`train/good`, `test/good`, `test/<defect>`, `ground_truth/<defect>/<stem>_mask.png`);
 - an existing LLaVA JSON (`from_llava_json` + `image_folder`).
 Per-image sidecars `<stem>.txt` (description) or `<stem>.json` (description and defect boxes)
-add detail. Masks and boxes become location words on a 3x3 grid.
+add detail. Masks and boxes become location words on a 3x3 grid. Folders are read by `folders` and
+`mvtec`; nothing outside the named source folders is opened (`safe_read`), and every file left out
+is listed in the manifest's `skipped` with its reason.
 
 The dataset is built in a hidden sibling folder and renamed into place at the end; manifest.json is
 written last, so a folder with a manifest is complete. Inputs are only ever read.

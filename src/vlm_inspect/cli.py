@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vlm_inspect import config as cfgmod
 from vlm_inspect.errors import VlmInspectError
@@ -36,7 +37,7 @@ def _run(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except VlmInspectError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, markup=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")

@@ -27,6 +27,7 @@ from PIL import Image
 
 from vlm_inspect.config import PredictConfig, require
 from vlm_inspect.data.dataset import square_image
+from vlm_inspect.data.safe_read import show_path
 from vlm_inspect.errors import ConfigError, DataError, ModelFolderError
 from vlm_inspect.models.chat import prompt as render_prompt
 from vlm_inspect.models.family import family_of_model
@@ -328,7 +329,7 @@ def predict(cfg: PredictConfig) -> Path:
     validate(cfg)
     paths = find_images(cfg.paths)
     if not paths:
-        raise DataError(f"no images found under {', '.join(cfg.paths)}")
+        raise DataError(f"no images found under {', '.join(map(show_path, cfg.paths))}")
     predictor = Predictor.load(cfg.model, cfg.adapter, device=cfg.device)
     rows: list[dict] = []
     with Progress() as progress:
@@ -339,7 +340,7 @@ def predict(cfg: PredictConfig) -> Path:
     out = write_rows(rows, Path(cfg.out))
     n_ng = sum(r["verdict"] == "NG" for r in rows)
     n_err = sum(r["verdict"] == "ERROR" for r in rows)
-    print(f"{len(rows)} images: {n_ng} NG, {len(rows) - n_ng - n_err} OK, {n_err} unreadable → {out}")
+    print(f"{len(rows)} images: {n_ng} NG, {len(rows) - n_ng - n_err} OK, {n_err} unreadable → {show_path(out)}")
     return out
 
 
@@ -348,9 +349,9 @@ def _predict_batch(predictor: Predictor, paths: list[Path], cfg: PredictConfig, 
     for path in paths:
         try:
             images.append(load_image(path))
-            rows.append({"path": str(path)})
+            rows.append({"path": show_path(path)})
         except DataError as err:
-            rows.append({"path": str(path), "verdict": "ERROR", "p_ng": None, "error": str(err)})
+            rows.append({"path": show_path(path), "verdict": "ERROR", "p_ng": None, "error": str(err)})
     good = [r for r in rows if "error" not in r]
     if not good:
         return rows
@@ -374,8 +375,19 @@ def write_rows(rows: list[dict], out: Path) -> Path:
         with tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)
     else:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, out)
     return out
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell starting like a formula (= + - @ tab CR) gets a leading `'`, so a spreadsheet shows it
+    instead of running it (a photo named `=HYPERLINK(...).png`); numbers are left as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value

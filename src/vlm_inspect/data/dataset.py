@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from vlm_inspect.data.images import load_image
+from vlm_inspect.data.images import fit_model_input, load_image
 from vlm_inspect.data.llava_json import read_llava_json
 from vlm_inspect.errors import DataError
 from vlm_inspect.models.chat import Conversation, conversation
@@ -45,7 +45,11 @@ def conversation_turns(sample: dict) -> list[tuple[str, str]]:
 
 
 def square_image(image: Image.Image, image_mean: list[float], aspect: str) -> Image.Image:
-    """LLaVA-1.5 'pad': centre on a square of the processor's mean colour; 'crop' leaves it."""
+    """LLaVA-1.5 'pad': centre on a square of the processor's mean colour; 'crop' leaves it.
+
+    Either way a photo over `MODEL_INPUT_MAX_SIDE` (2048) is shrunk first, so memory stays bounded.
+    """
+    image = fit_model_input(image)
     if aspect != "pad" or image.width == image.height:
         return image
     side = max(image.size)

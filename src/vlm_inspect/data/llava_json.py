@@ -9,10 +9,11 @@ which the original `train.py` ignores.
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from typing import Any
 
+from vlm_inspect.data.safe_read import exists, parse_json, show_path
 from vlm_inspect.errors import DataError
 
 IMAGE_TOKEN = "<image>"
@@ -55,16 +56,18 @@ def read_llava_json(path: Path, image_folder: Path) -> list[dict[str, Any]]:
 
 
 def _load_json(path: Path) -> list[Any]:
+    name = show_path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: not valid UTF-8 JSON ({err})") from None
+        raise DataError(f"{name}: no such file") from None
+    except OSError as err:
+        raise DataError(f"{name}: cannot be read ({err.strerror or err})") from None
+    data = parse_json(text, name)
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
+        raise DataError(f"{name}: expected a JSON list of samples, got {type(data).__name__}")
     if not data:
-        raise DataError(f"{path}: contains no samples")
+        raise DataError(f"{name}: contains no samples")
     return data
 
 
@@ -80,8 +83,10 @@ def _sample_problems(sample: Any, image_folder: Path) -> list[str]:
 def _image_problems(image: Any, image_folder: Path) -> list[str]:
     if not isinstance(image, str) or not image.strip():
         return ["'image' must be a non-empty path text (one image per sample)"]
-    if not (image_folder / image).is_file():
-        return [f"image {image!r} not found in {image_folder}"]
+    # Only looked up, never opened, here: a path leading out of the folder is refused by the reader
+    # (prepare lists it in `skipped`).
+    if not exists(image_folder / image):
+        return [f"image {image!r} not found in {show_path(image_folder)}"]
     return []
 
 
@@ -142,6 +147,8 @@ def box_problems(box: Any) -> list[str]:
     numeric = isinstance(box, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
     if not numeric or len(box) != 4:
         return [f"'box' must be 4 numbers [x0, y0, x1, y1], got {box!r}"]
+    if not all(math.isfinite(v) for v in box):
+        return [f"'box' {box} must hold finite numbers (not Infinity or NaN)"]
     x0, y0, x1, y1 = box
     if not (x0 < x1 and y0 < y1):
         return [f"'box' {box} needs x0 < x1 and y0 < y1"]
@@ -160,7 +167,7 @@ def _normalised(sample: dict[str, Any]) -> dict[str, Any]:
 def _problems_message(path: Path, problems: list[str]) -> str:
     listed = problems[:_MAX_LISTED]
     more = len(problems) - len(listed)
-    lines = [f"{path}: {len(problems)} problem(s):", *(f"  - {p}" for p in listed)]
+    lines = [f"{show_path(path)}: {len(problems)} problem(s):", *(f"  - {p}" for p in listed)]
     if more:
         lines.append(f"  ... and {more} more")
     return "\n".join(lines)

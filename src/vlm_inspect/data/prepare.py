@@ -6,7 +6,9 @@ Input layouts, recognised automatically:
 - an MVTec AD category (`train/good`, `test/good`, `test/<defect>`, `ground_truth/<defect>/<stem>_mask.png`);
 - an existing LLaVA JSON (`from_llava_json` + `image_folder`).
 Per-image sidecars `<stem>.txt` (description) or `<stem>.json` (description and defect boxes)
-add detail. Masks and boxes become location words on a 3x3 grid.
+add detail. Masks and boxes become location words on a 3x3 grid. Folders are read by `folders` and
+`mvtec`; nothing outside the named source folders is opened (`safe_read`), and every file left out
+is listed in the manifest's `skipped` with its reason.
 
 The dataset is built in a hidden sibling folder and renamed into place at the end; manifest.json is
 written last, so a folder with a manifest is complete. Inputs are only ever read.
@@ -15,89 +17,34 @@ written last, so a folder with a manifest is complete. Inputs are only ever read
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import math
 import random
 import re
 import secrets
 import shutil
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
-from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vlm_inspect import __version__
 from vlm_inspect.config import PrepareConfig, save_config
-from vlm_inspect.data.images import load_image
-from vlm_inspect.data.llava_json import IMAGE_TOKEN, defects_problems, read_llava_json
-from vlm_inspect.data.prompts import UNKNOWN_DEFECT, Prompts, load_prompts, location_word, parse_verdict
+from vlm_inspect.data.folders import NG_NAMES, OK_NAMES, format_suffix, scan
+from vlm_inspect.data.images import load_image, read_file_bytes
+from vlm_inspect.data.labelled import LabeledImage, Skipped
+from vlm_inspect.data.llava_json import IMAGE_TOKEN, read_llava_json
+from vlm_inspect.data.prompts import Prompts, load_prompts, location_word, parse_verdict
+from vlm_inspect.data.safe_read import outside_reason, show_path
 from vlm_inspect.errors import ConfigError, DataError, OutputExistsError
 
-OK_NAMES = ("ok", "good", "pass", "normal")
-NG_NAMES = ("ng", "bad", "defect", "defective", "fail", "anomaly")
-SIDECAR_SUFFIXES = (".txt", ".json")
 FEW_VAL_IMAGES = 30
 """Below this many validation images prepare prints the statistical caveat."""
-
-_FORMAT_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
-_MASK_GRID = 128  # masks are searched for separate regions on at most this many cells per side
-_SIDECAR_KEYS = {"description", "defects"}
-
-
-@dataclass
-class LabeledImage:
-    """One usable photo with what is known about it.
-
-    Boxes in `defects` are `[x0, y0, x1, y1]` in pixels of the upright image (EXIF orientation
-    applied), which is also how the copied file decodes.
-    """
-
-    path: Path
-    label: Literal["OK", "NG"]
-    defect_type: str | None = None
-    defects: list[dict[str, Any]] = field(default_factory=list)
-    description: str | None = None
-    width: int = 0
-    height: int = 0
-    sha256: str = ""
-    suffix: str = ""
-    """Suffix of the decoded format (`.jpg`, `.png`, ...), used to name the copy."""
-
-
-@dataclass
-class Skipped:
-    """An input file left out, and why."""
-
-    path: Path
-    reason: str
-    duplicate_of: Path | None = None
-
-
-@dataclass
-class _Group:
-    """A folder of photos sharing a label (and defect type)."""
-
-    folder: Path
-    label: Literal["OK", "NG"]
-    defect_type: str | None = None
-    recursive: bool = True
-    masks: Path | None = None
-
-
-@dataclass
-class _Scan:
-    layout: str
-    images: list[LabeledImage]
-    skipped: list[Skipped]
-    ignored_folders: list[Path]
 
 
 @dataclass
@@ -163,8 +110,8 @@ def collect_images(
         DataError: a class is missing or has no usable photo (naming the folder), or a sidecar
             is malformed; every such problem is listed at once.
     """
-    scan = _scan(Path(src), ok_names, ng_names, max_pixels)
-    return scan.images, scan.skipped
+    found = scan(Path(src), ok_names, ng_names, max_pixels)
+    return found.images, found.skipped
 
 
 def stratified_split(strata: list[str], val_fraction: float, seed: int) -> list[bool]:
@@ -292,298 +239,6 @@ def _replace_folder(new: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
-# ---------------------------------------------------------------- reading class folders and MVTec
-
-
-def _scan(
-    src: Path, ok_names: tuple[str, ...] | list[str], ng_names: tuple[str, ...] | list[str], max_pixels: int
-) -> _Scan:
-    if not src.is_dir():
-        raise DataError(f"{src}: no such folder")
-    layout, groups, ignored = _find_groups(src, ok_names, ng_names)
-    problems: list[str] = []
-    images: list[LabeledImage] = []
-    skipped: list[Skipped] = []
-    for group in groups:
-        found, group_skipped = _read_group(group, max_pixels, problems)
-        if not found:
-            problems.append(_empty_group_problem(group, group_skipped))
-        images += found
-        skipped += group_skipped
-    images, duplicates = _drop_duplicates(images)
-    problems += _missing_label_problems(src, images, groups)
-    if problems:
-        raise DataError(f"{src}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
-    return _Scan(layout, images, skipped + duplicates, ignored)
-
-
-def _find_groups(
-    src: Path, ok_names: tuple[str, ...] | list[str], ng_names: tuple[str, ...] | list[str]
-) -> tuple[str, list[_Group], list[Path]]:
-    if (src / "train" / "good").is_dir() or ((src / "test").is_dir() and (src / "ground_truth").is_dir()):
-        return "mvtec", *_mvtec_groups(src)
-    return "class_folders", *_class_groups(src, ok_names, ng_names)
-
-
-def _mvtec_groups(src: Path) -> tuple[list[_Group], list[Path]]:
-    groups = [_Group(src / split / "good", "OK") for split in ("train", "test") if (src / split / "good").is_dir()]
-    test = src / "test"
-    for folder in _subfolders(test) if test.is_dir() else []:
-        if folder.name != "good":
-            groups.append(_Group(folder, "NG", folder.name, masks=src / "ground_truth" / folder.name))
-    ignored = [f for f in _subfolders(src) if f.name not in ("train", "test", "ground_truth")]
-    return groups, ignored
-
-
-def _class_groups(
-    src: Path, ok_names: tuple[str, ...] | list[str], ng_names: tuple[str, ...] | list[str]
-) -> tuple[list[_Group], list[Path]]:
-    ok = {n.lower() for n in (*OK_NAMES, *ok_names)}
-    ng = {n.lower() for n in (*NG_NAMES, *ng_names)}
-    groups: list[_Group] = []
-    ignored: list[Path] = []
-    for folder in _subfolders(src):
-        if folder.name.lower() in ok:
-            groups.append(_Group(folder, "OK"))
-        elif folder.name.lower() in ng:
-            groups += _ng_groups(folder)
-        else:
-            ignored.append(folder)
-    missing = [label for label in ("OK", "NG") if not any(g.label == label for g in groups)]
-    if missing:
-        raise DataError(_missing_class_message(src, missing, ok, ng, ignored))
-    return groups, ignored
-
-
-def _ng_groups(folder: Path) -> list[_Group]:
-    """Photos directly in ng/ have no defect type; each subfolder's name is a defect type."""
-    groups = [_Group(sub, "NG", sub.name) for sub in _subfolders(folder)]
-    if _candidate_files(folder, recursive=False) or not groups:
-        groups.insert(0, _Group(folder, "NG", recursive=False))
-    return groups
-
-
-def _missing_class_message(src: Path, missing: list[str], ok: set[str], ng: set[str], ignored: list[Path]) -> str:
-    lines = [f"{src}: no {' and no '.join(missing)} class folder found."]
-    if "OK" in missing:
-        lines.append(f"  OK folder names (any case): {', '.join(sorted(ok))}; add more with --ok-name.")
-    if "NG" in missing:
-        lines.append(f"  NG folder names (any case): {', '.join(sorted(ng))}; add more with --ng-name.")
-    if ignored:
-        lines.append(f"  Subfolders found: {', '.join(f.name for f in ignored)}.")
-        if any(f.name in ("train", "test") for f in ignored) or any(f.name == "good" for f in ignored):
-            lines.append("  For MVTec AD give one category folder (the one holding train/, test/, ground_truth/).")
-    return "\n".join(lines)
-
-
-def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _candidate_files(folder: Path, recursive: bool) -> list[Path]:
-    """Every file that may be a photo; decoding decides. Hidden files and sidecars are not candidates."""
-    files = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(
-        p
-        for p in files
-        if p.is_file()
-        and p.suffix.lower() not in SIDECAR_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
-
-
-def _read_group(group: _Group, max_pixels: int, problems: list[str]) -> tuple[list[LabeledImage], list[Skipped]]:
-    images, skipped = [], []
-    for path in _candidate_files(group.folder, group.recursive):
-        item = _read_photo(path, group, max_pixels)
-        if isinstance(item, Skipped):
-            skipped.append(item)
-            continue
-        problems += _add_sidecars(item, group)
-        skipped += _add_mask_defects(item, group, max_pixels)
-        images.append(item)
-    return images, skipped
-
-
-def _read_photo(path: Path, group: _Group, max_pixels: int) -> LabeledImage | Skipped:
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        return Skipped(path, f"cannot be read ({err.strerror or err})")
-    try:
-        image = load_image(data, max_pixels, name=path.name)
-    except DataError as err:
-        return Skipped(path, str(err).removeprefix(f"{path.name}: "))
-    return LabeledImage(
-        path=path,
-        label=group.label,
-        defect_type=group.defect_type,
-        width=image.width,
-        height=image.height,
-        sha256=hashlib.sha256(data).hexdigest(),
-        suffix=_format_suffix(data, path),
-    )
-
-
-def _format_suffix(data: bytes, path: Path) -> str:
-    with Image.open(io.BytesIO(data)) as image:
-        return _FORMAT_SUFFIX.get(image.format or "", path.suffix.lower() or ".img")
-
-
-def _empty_group_problem(group: _Group, skipped: list[Skipped]) -> str:
-    what = f"{group.label}" + (f" ({group.defect_type})" if group.defect_type else "")
-    if not skipped:
-        return f"{group.folder}: no photos in this {what} folder"
-    reasons = "; ".join(f"{s.path.name}: {s.reason}" for s in skipped[:3])
-    return f"{group.folder}: no usable photo in this {what} folder ({len(skipped)} skipped: {reasons})"
-
-
-def _missing_label_problems(src: Path, images: list[LabeledImage], groups: list[_Group]) -> list[str]:
-    # Only reachable when every photo of a class was a duplicate of the other class.
-    present = {im.label for im in images}
-    return [
-        f"{src}: no usable {label} photo left after removing duplicates"
-        for label in ("OK", "NG")
-        if label not in present and any(g.label == label for g in groups)
-    ]
-
-
-# ---------------------------------------------------------------- sidecars and masks
-
-
-def _add_sidecars(image: LabeledImage, group: _Group) -> list[str]:
-    """Fill description and defects from `<stem>.txt` / `<stem>.json`; return problems found in them."""
-    text_file, json_file = image.path.with_suffix(".txt"), image.path.with_suffix(".json")
-    if text_file.is_file():
-        image.description = text_file.read_text(encoding="utf-8", errors="replace").strip() or None
-    if not json_file.is_file():
-        return []
-    data, problems = _read_sidecar_json(json_file, image)
-    if problems:
-        return [f"{json_file}: {p}" for p in problems]
-    if isinstance(data.get("description"), str) and data["description"].strip():
-        image.description = data["description"].strip()
-    for defect in data.get("defects", []):
-        image.defects.append({"type": defect.get("type") or group.defect_type or UNKNOWN_DEFECT, "box": defect["box"]})
-    if image.defect_type is None and image.defects and image.defects[0]["type"] != UNKNOWN_DEFECT:
-        image.defect_type = image.defects[0]["type"]
-    return []
-
-
-def _read_sidecar_json(json_file: Path, image: LabeledImage) -> tuple[dict[str, Any], list[str]]:
-    try:
-        data = json.loads(json_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        return {}, [f"not valid UTF-8 JSON ({err})"]
-    if not isinstance(data, dict):
-        return {}, ['expected an object like {"description": ..., "defects": [{"type": ..., "box": [...]}]}']
-    problems = [f"unknown key {k!r} (known: description, defects)" for k in data if k not in _SIDECAR_KEYS]
-    if "description" in data and not isinstance(data["description"], str):
-        problems.append("'description' must be a text")
-    problems += _sidecar_defect_problems(data.get("defects", []), image)
-    return data, problems
-
-
-def _sidecar_defect_problems(defects: Any, image: LabeledImage) -> list[str]:
-    if isinstance(defects, list) and defects and image.label == "OK":
-        return [f"lists defects but {image.path.name} is in an OK folder"]
-    problems = defects_problems(defects)
-    if problems:
-        return problems
-    return [
-        f"defects[{i}]: 'box' {d['box']} reaches outside the {image.width}x{image.height} upright image"
-        for i, d in enumerate(defects)
-        if d["box"][2] > image.width or d["box"][3] > image.height
-    ]
-
-
-def _add_mask_defects(image: LabeledImage, group: _Group, max_pixels: int) -> list[Skipped]:
-    """Defect boxes from an MVTec mask `ground_truth/<defect>/<stem>_mask.png`, one per separate region."""
-    if group.masks is None or image.defects:
-        return []
-    mask_path = group.masks / f"{image.path.stem}_mask.png"
-    if not mask_path.is_file():
-        return []
-    try:
-        mask = np.asarray(load_image(mask_path, max_pixels).convert("L")) > 127
-    except DataError as err:
-        return [Skipped(mask_path, f"mask not used: {str(err).removeprefix(f'{mask_path}: ')}")]
-    scale_x, scale_y = image.width / mask.shape[1], image.height / mask.shape[0]
-    for x0, y0, x1, y1 in mask_boxes(mask):
-        box = [round(x0 * scale_x), round(y0 * scale_y), round(x1 * scale_x), round(y1 * scale_y)]
-        image.defects.append({"type": group.defect_type or UNKNOWN_DEFECT, "box": box})
-    return []
-
-
-def mask_boxes(mask: np.ndarray) -> list[list[int]]:
-    """Pixel boxes `[x0, y0, x1, y1]` (x1, y1 exclusive) of the separate regions of a mask, largest first.
-
-    Regions are found on a grid of at most 128 cells per side, so specks a few pixels apart
-    count as one region.
-    """
-    height, width = mask.shape
-    step = max(1, math.ceil(max(height, width) / _MASK_GRID))
-    coarse = _block_any(mask, step)
-    found = []
-    for cells in _components(coarse):
-        rows, cols = zip(*cells, strict=True)
-        y0, y1 = min(rows) * step, min(height, (max(rows) + 1) * step)
-        x0, x1 = min(cols) * step, min(width, (max(cols) + 1) * step)
-        region = mask[y0:y1, x0:x1]
-        ys, xs = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
-        box = [x0 + int(xs[0]), y0 + int(ys[0]), x0 + int(xs[-1]) + 1, y0 + int(ys[-1]) + 1]
-        found.append((int(region.sum()), box))
-    return [box for _, box in sorted(found, key=lambda f: -f[0])]
-
-
-def _block_any(mask: np.ndarray, step: int) -> np.ndarray:
-    height, width = mask.shape
-    padded = np.zeros((math.ceil(height / step) * step, math.ceil(width / step) * step), dtype=bool)
-    padded[:height, :width] = mask
-    return padded.reshape(padded.shape[0] // step, step, padded.shape[1] // step, step).any(axis=(1, 3))
-
-
-def _components(grid: np.ndarray) -> Iterator[list[tuple[int, int]]]:
-    """8-connected regions of a boolean grid, as lists of (row, column) cells."""
-    seen = np.zeros_like(grid)
-    rows, cols = grid.shape
-    for start in zip(*np.nonzero(grid), strict=True):
-        if seen[start]:
-            continue
-        seen[start] = True
-        stack, cells = [start], []
-        while stack:
-            r, c = stack.pop()
-            cells.append((int(r), int(c)))
-            for nr in range(max(0, r - 1), min(rows, r + 2)):
-                for nc in range(max(0, c - 1), min(cols, c + 2)):
-                    if grid[nr, nc] and not seen[nr, nc]:
-                        seen[nr, nc] = True
-                        stack.append((nr, nc))
-        yield cells
-
-
-def _drop_duplicates(images: list[LabeledImage]) -> tuple[list[LabeledImage], list[Skipped]]:
-    """Keep the first of identical files; identical files labelled both OK and NG are all dropped."""
-    first: dict[str, LabeledImage] = {}
-    conflicts: dict[str, list[LabeledImage]] = defaultdict(list)
-    skipped = []
-    for image in images:
-        kept = first.setdefault(image.sha256, image)
-        if kept is image:
-            continue
-        if kept.label != image.label:
-            conflicts[image.sha256].append(image)
-        else:
-            skipped.append(Skipped(image.path, f"same bytes as {kept.path}", duplicate_of=kept.path))
-    for sha, others in conflicts.items():
-        copies = [first[sha], *others]
-        listing = ", ".join(f"{im.path} ({im.label})" for im in copies)
-        skipped += [Skipped(im.path, f"conflicting labels: identical files {listing}") for im in copies]
-    kept_images = [im for im in images if first[im.sha256] is im and im.sha256 not in conflicts]
-    return kept_images, skipped
-
-
 # ---------------------------------------------------------------- conversations
 
 
@@ -592,12 +247,13 @@ def _gather(
 ) -> tuple[list[_Unit], list[Skipped], list[Path], dict[str, Any]]:
     if cfg.from_llava_json:
         units, skipped = _llava_units(Path(cfg.from_llava_json), Path(cfg.image_folder or ""), cfg.max_image_pixels)
-        source = {"layout": "llava_json", "path": str(Path(cfg.from_llava_json).resolve())}
-        source["image_folder"] = str(Path(cfg.image_folder or "").resolve())
+        source = {"layout": "llava_json", "path": show_path(Path(cfg.from_llava_json).resolve())}
+        source["image_folder"] = show_path(Path(cfg.image_folder or "").resolve())
         return units, skipped, [], source
-    scan = _scan(Path(cfg.src), cfg.ok_names, cfg.ng_names, cfg.max_image_pixels)
-    units = _folder_units(scan.images, prompts, product, cfg.seed, Path(cfg.src))
-    return units, scan.skipped, scan.ignored_folders, {"layout": scan.layout, "path": str(Path(cfg.src).resolve())}
+    found = scan(Path(cfg.src), cfg.ok_names, cfg.ng_names, cfg.max_image_pixels)
+    units = _folder_units(found.images, prompts, product, cfg.seed, Path(cfg.src))
+    source = {"layout": found.layout, "path": show_path(Path(cfg.src).resolve())}
+    return units, found.skipped, found.ignored_folders, source
 
 
 def _folder_units(images: list[LabeledImage], prompts: Prompts, product: str, seed: int, src: Path) -> list[_Unit]:
@@ -705,9 +361,9 @@ def _stratum(label: str | None, defect_type: str | None) -> str:
 
 def _relative(path: Path, root: Path) -> str:
     try:
-        return path.relative_to(root).as_posix()
+        return show_path(path.relative_to(root).as_posix())
     except ValueError:
-        return str(path)
+        return show_path(path)
 
 
 # ---------------------------------------------------------------- existing LLaVA JSON
@@ -723,7 +379,7 @@ def _llava_units(json_path: Path, image_folder: Path, max_pixels: int) -> tuple[
     names = _UniqueNames()
     for image_rel, samples in by_image.items():
         path = image_folder / image_rel
-        checked = _check_json_image(path, max_pixels, len(samples))
+        checked = _check_json_image(path, image_folder, max_pixels, len(samples))
         if isinstance(checked, Skipped):
             skipped.append(checked)
             continue
@@ -734,20 +390,24 @@ def _llava_units(json_path: Path, image_folder: Path, max_pixels: int) -> tuple[
         # Same bytes under another name: one copy, and its samples stay on one side of the split.
         kept = units[sha]
         kept.samples += _relabelled(samples, kept.name, image_rel, first_index=len(kept.samples))
-        skipped.append(Skipped(path, f"same bytes as {kept.path}", duplicate_of=kept.path))
+        skipped.append(Skipped(path, f"same bytes as {show_path(kept.path)}", duplicate_of=kept.path))
     if not units:
-        raise DataError(f"{json_path}: no sample has a usable image ({len(skipped)} skipped)")
+        raise DataError(f"{show_path(json_path)}: no sample has a usable image ({len(skipped)} skipped)")
     return list(units.values()), skipped
 
 
-def _check_json_image(path: Path, max_pixels: int, n_samples: int) -> tuple[str, str] | Skipped:
+def _check_json_image(path: Path, image_folder: Path, max_pixels: int, n_samples: int) -> tuple[str, str] | Skipped:
+    name = show_path(path.name)
     try:
-        data = path.read_bytes()
-        load_image(data, max_pixels, name=path.name)
-    except (OSError, DataError) as err:
-        reason = str(err).removeprefix(f"{path.name}: ")
+        reason = outside_reason(path, image_folder)
+        if reason:
+            raise DataError(f"{name}: {reason}")
+        data = read_file_bytes(path, name)
+        load_image(data, max_pixels, name=name)
+    except DataError as err:
+        reason = str(err).removeprefix(f"{name}: ")
         return Skipped(path, f"{reason} ({n_samples} sample(s) dropped)")
-    return hashlib.sha256(data).hexdigest(), _format_suffix(data, path)
+    return hashlib.sha256(data).hexdigest(), format_suffix(data, path)
 
 
 def _json_unit(path: Path, image_rel: str, samples: list[dict[str, Any]], names: _UniqueNames, suffix: str) -> _Unit:
@@ -820,9 +480,11 @@ def _manifest(
         "settings": {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "max_image_pixels": cfg.max_image_pixels},
         "counts": _counts(units),
         "split": {"train": _counts(train), "val": _counts(val)},
-        "skipped": [{"path": str(s.path), "reason": s.reason} for s in skipped if s.duplicate_of is None],
-        "duplicates": [{"path": str(s.path), "same_as": str(s.duplicate_of)} for s in skipped if s.duplicate_of],
-        "ignored_folders": [str(f) for f in ignored],
+        "skipped": [{"path": show_path(s.path), "reason": s.reason} for s in skipped if s.duplicate_of is None],
+        "duplicates": [
+            {"path": show_path(s.path), "same_as": show_path(s.duplicate_of)} for s in skipped if s.duplicate_of
+        ],
+        "ignored_folders": [show_path(f) for f in ignored],
         "prompts": prompts,
         "files": {"train": "train.json", "val": "val.json", "images": "images", "config": "config.yaml"},
     }
@@ -850,18 +512,21 @@ def _print_summary(
     duplicates = [s for s in skipped if s.duplicate_of]
     bad = [s for s in skipped if not s.duplicate_of]
     for item in bad[:10]:
-        console.print(f"[yellow]skipped[/] {item.path}: {item.reason}", highlight=False)
+        console.print(f"[yellow]skipped[/] {escape(show_path(item.path))}: {escape(item.reason)}", highlight=False)
     if len(bad) > 10:
         console.print(f"[yellow]... and {len(bad) - 10} more skipped (all listed in manifest.json)[/]")
     if duplicates:
         console.print(f"[yellow]{len(duplicates)} duplicate file(s) left out[/] (same bytes; listed in manifest.json)")
     for folder in ignored:
-        console.print(f"[yellow]ignored folder[/] {folder}: its name is neither an OK nor an NG name", highlight=False)
+        console.print(
+            f"[yellow]ignored folder[/] {escape(show_path(folder))}: its name is neither an OK nor an NG name",
+            highlight=False,
+        )
     val_labels = [s.get("label") for u, v in zip(units, is_val, strict=True) if v for s in u.samples[:1]]
     caveat = few_val_caveat(val_labels.count("OK"), val_labels.count("NG"), len(val_labels))
     if caveat:
-        console.print(f"[bold yellow]caveat:[/] {caveat}", highlight=False)
-    console.print(f"dataset written to [bold]{out}[/]", highlight=False)
+        console.print(f"[bold yellow]caveat:[/] {escape(caveat)}", highlight=False)
+    console.print(f"dataset written to [bold]{escape(show_path(out))}[/]", highlight=False)
 
 
 def _summary_table(units: list[_Unit], is_val: list[bool]) -> Table:

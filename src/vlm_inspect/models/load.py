@@ -7,6 +7,7 @@ for a video processor (Qwen, InternVL) load without one where torchvision is mis
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,6 @@ def load_model(
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:  # a refused pickle in *.bin too
         raise ModelFolderError(f"{folder}: could not load the model: {err}") from err
     return model

@@ -170,6 +170,9 @@ def create_app(predictor: Any, cfg: ServeConfig) -> FastAPI:
 
 def _add_api_routes(app: FastAPI, predictor: Any, cfg: ServeConfig, max_upload: int) -> None:
     auth = [Depends(_key_checker(cfg.api_key))]
+    # At most max_batch photos decode at once: each decode may hold up to ~0.9 GiB (data/images.py),
+    # and 40 of them in the thread pool would add up before the queue limit turns anyone away.
+    decode_slots = asyncio.Semaphore(cfg.max_batch)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> dict:
@@ -187,7 +190,7 @@ def _add_api_routes(app: FastAPI, predictor: Any, cfg: ServeConfig, max_upload: 
         started = time.perf_counter()
         data, describe, threshold = await _read_inspect_request(request, max_upload)
         threshold = cfg.threshold if threshold is None else threshold
-        image = await _decode(data, "upload")
+        image = await _decode(data, "upload", decode_slots)
         batcher: Batcher = request.app.state.batcher
         p_ng = await batcher.score(image)
         answer: dict[str, Any] = {"verdict": "NG" if p_ng >= threshold else "OK", "p_ng": p_ng, "threshold": threshold}
@@ -202,7 +205,7 @@ def _add_api_routes(app: FastAPI, predictor: Any, cfg: ServeConfig, max_upload: 
     async def chat(request: Request) -> Any:
         req = _validate(_ChatRequest, await _read_json(request))
         data, prompt = _conversation(req.messages, predictor, max_upload)
-        image = await _decode(data, "image_url")
+        image = await _decode(data, "image_url", decode_slots)
         max_new = min(req.max_completion_tokens or req.max_tokens or cfg.max_new_tokens, cfg.max_new_tokens)
         batcher: Batcher = request.app.state.batcher
         if req.stream:
@@ -368,10 +371,12 @@ def _check_size(data: bytes, max_upload: int) -> None:
         raise ApiError(413, f"image is over the upload limit of {max_upload / 1024 / 1024:g} MB")
 
 
-async def _decode(data: bytes, name: str) -> Image.Image:
-    """The upload as an RGB image; decoded in a worker thread so big photos do not stall the server."""
+async def _decode(data: bytes, name: str, slots: asyncio.Semaphore) -> Image.Image:
+    """The upload as an RGB image; decoded in a worker thread so big photos do not stall the server,
+    holding one of `slots` so only a bounded number decode at once."""
     try:
-        return await run_in_threadpool(load_image, data, MAX_IMAGE_PIXELS, name)
+        async with slots:
+            return await run_in_threadpool(load_image, data, MAX_IMAGE_PIXELS, name)
     except DataError as err:
         raise ApiError(415, str(err)) from None
 

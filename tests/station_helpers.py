@@ -23,7 +23,8 @@ def photo(shade: int = 230, size: tuple[int, int] = (96, 72), spot: bool = False
     """A light box photo; `spot` adds a dark defect in the top left third."""
     image = Image.new("RGB", size, (shade, shade, shade))
     if spot:
-        ImageDraw.Draw(image).ellipse((6, 6, 24, 20), fill=(10, 10, 10))
+        w, h = size
+        ImageDraw.Draw(image).ellipse((w * 0.06, h * 0.08, w * 0.25, h * 0.28), fill=(10, 10, 10))
     buf = io.BytesIO()
     image.save(buf, fmt)
     return buf.getvalue()
@@ -86,7 +87,9 @@ def postgres_server() -> Iterator[str | None]:
         run(str(bindir / "createdb"), "-h", str(root), "-p", str(port), "-U", "postgres", "station")
         yield f"postgresql+psycopg://postgres@/station?host={root}&port={port}"
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from datetime import date
 from typing import Annotated, Any
+from urllib.parse import unquote
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, Response
@@ -28,6 +29,7 @@ from vlm_inspect.station.identity import model_identity
 from vlm_inspect.station.store import StationStore, open_store
 
 SOURCE_HEADER = "x-inspect-source"
+FILE_HEADER = "x-inspect-file"
 _PHOTO_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp", ".tif": "image/tiff"}
 _PHOTO_TYPES |= {".webp": "image/webp", ".gif": "image/gif"}
 
@@ -54,7 +56,7 @@ class Recorder:
             return
         source = "page" if request.headers.get(SOURCE_HEADER, "").lower() == "page" else "api"
         fields = {k: answer.get(k) for k in ("verdict", "p_ng", "threshold", "description", "latency_ms")}
-        answer["record_id"] = await self._record(data, image, "upload", source, fields)
+        answer["record_id"] = await self._record(data, image, _upload_name(request), source, fields)
 
     async def chatted(self, data: bytes, image: Image.Image, text: str, started: float) -> None:
         """Record an OpenAI-route answer about an image: the verdict it starts with, and the text."""
@@ -82,6 +84,15 @@ class Recorder:
             return await run_in_threadpool(self.store.record, data, image, file_name=name, source=source, **fields)
         except StationError as err:
             raise HTTPException(507, f"the inspection was not recorded: {err}") from None
+
+
+def _upload_name(request: Request) -> str:
+    """The photo's file name: the X-Inspect-File header (URL-encoded), else the multipart file name."""
+    named = unquote(request.headers.get(FILE_HEADER, "")).strip()
+    form = getattr(request, "_form", None)  # Starlette keeps the parsed form on the request
+    upload = form.get("file") if form is not None else None
+    name = named or getattr(upload, "filename", None) or "upload"
+    return name.replace("\\", "/").rsplit("/", 1)[-1] or "upload"
 
 
 def _since(started: float) -> float:

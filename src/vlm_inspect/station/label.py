@@ -51,6 +51,8 @@ def check_label_config(cfg: LabelConfig) -> None:
     problems = require(cfg, "photos", "station")
     if cfg.photos and not Path(cfg.photos).is_dir():
         problems.append(f"photos: {cfg.photos} is not a folder")
+    elif cfg.photos and cfg.station and Path(cfg.photos).resolve() in Path(cfg.station).resolve().parents:
+        problems.append(f"station: {cfg.station} lies inside the photo folder; its stored photos would be labelled too")
     if not 1 <= cfg.port <= 65535:
         problems.append(f"port: {cfg.port} is not between 1 and 65535")
     if cfg.api_key is not None and not cfg.api_key.strip():

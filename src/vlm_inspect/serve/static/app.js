@@ -69,7 +69,8 @@ async function inspect(row) {
   const form = new FormData();
   form.append("file", row.file, row.name);
   form.append("describe", $("describe").checked ? "true" : "false");
-  const headers = { "X-Inspect-Source": "page" }; // a station server records where the photo came from
+  // A station server records where the photo came from and its name.
+  const headers = { "X-Inspect-Source": "page", "X-Inspect-File": encodeURIComponent(row.name) };
   const key = $("api-key").value.trim();
   if (key) headers.Authorization = "Bearer " + key;
   try {

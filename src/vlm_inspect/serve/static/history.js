@@ -77,8 +77,9 @@ function renderList(records) {
     cell(row, r.source);
     cell(row, r.model);
     cell(row, r.p_ng === null ? "" : r.p_ng.toFixed(3), "num");
-    const review = r.review === "unreviewed" ? "—" : `${r.review}: ${r.final_verdict}`;
-    cell(row, r.verdict ? `${r.verdict} · ${review}` : review, "state");
+    const shown = { unreviewed: r.verdict || "—", confirmed: `${r.verdict} ✓`, corrected: `${r.verdict} → ${r.final_verdict}` };
+    cell(row, shown[r.review] ?? `${r.final_verdict} (label)`, "state");
+    row.title = `${r.review}${r.latest_review ? " by " + r.latest_review.operator : ""}`;
     row.addEventListener("click", () => openRecord(r.id));
     body.appendChild(row);
   }
@@ -272,14 +273,14 @@ async function exportCsv() {
   }
 }
 
-function remember(id, store) {
-  $(id).value = store.getItem("vlm-inspect-" + id) || "";
-  $(id).addEventListener("change", (ev) => store.setItem("vlm-inspect-" + id, ev.target.value));
+function remember(id, store, name) {
+  $(id).value = store.getItem(name) || "";
+  $(id).addEventListener("change", (ev) => store.setItem(name, ev.target.value));
 }
 
 document.addEventListener("DOMContentLoaded", async () => {
-  remember("api-key", sessionStorage);
-  remember("operator", localStorage);
+  remember("api-key", sessionStorage, "vlm-inspect-key"); // the same key as the inspection page
+  remember("operator", localStorage, "vlm-inspect-operator");
   if (state.label) {
     document.body.classList.add("labeller");
     $("title").textContent = "Label photos";

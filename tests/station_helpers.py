@@ -8,7 +8,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,9 +85,6 @@ def postgres_server() -> Iterator[str | None]:
         options = f"-k {root} -p {port} -c listen_addresses='' -c fsync=off"
         run(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-w", "-l", str(root / "log"), "start")
         run(str(bindir / "createdb"), "-h", str(root), "-p", str(port), "-U", "postgres", "station")
-        version = run(str(bindir / "postgres"), "--version").stdout.strip()
-        # Past pytest's capture on purpose: the CI log shows that the PostgreSQL store tests really ran.
-        sys.__stderr__.write(f"\nstation store tests: throwaway {version} cluster on {root} (port {port})\n")
         yield f"postgresql+psycopg://postgres@/station?host={root}&port={port}"
     finally:
         subprocess.run(

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from station_helpers import photo, postgres_server, reset_postgres
 from vlm_inspect.errors import StationError
@@ -32,8 +32,16 @@ from vlm_inspect.station.store import DB_NAME, open_store
 
 
 @pytest.fixture(scope="session")
-def pg_url():
+def pg_url(pytestconfig, tmp_path_factory):
     with postgres_server() as url:
+        if url is not None:  # a line in the CI log showing that the PostgreSQL store tests really run
+            store = open_store(tmp_path_factory.mktemp("pg-probe"), url)
+            with store.reading() as session:
+                version = session.execute(text("SELECT version()")).scalar().split(",")[0]
+            store.close()
+            reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+            with pytestconfig.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+                reporter.write_line(f"\nstation store tests on {version} ({url.split('?')[0]})")
         yield url
 
 

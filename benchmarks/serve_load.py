@@ -1,10 +1,14 @@
-"""Load on `vlm-inspect serve`: latency and throughput of POST /v1/inspect, with and without batching.
+"""Load on `vlm-inspect serve`: latency and throughput of POST /v1/inspect, with and without batching and recording.
 
-Starts the server on 127.0.0.1 (the tiny model unless --model is given) once per --max-batch value,
-sends --requests photos at --concurrency, prints errors, p50/p99 latency and throughput, then stops
-the server. With --url it loads a running server instead; only loopback addresses are accepted.
+Starts the server on 127.0.0.1 (the tiny model unless --model is given) once per --max-batch value
+and --record setting (off, or on: `serve --station DIR` records every inspection), sends --requests
+photos at --concurrency, prints errors, p50/p99 latency and throughput, and with recording on the
+bytes the station stored per 1,000 inspections (database and photo files); then stops the server.
+Every request sends a different photo, as a line camera does, so the store cannot deduplicate them.
+With --url it loads a running server instead; only loopback addresses are accepted.
 
-Run: python benchmarks/serve_load.py [--requests 500] [--concurrency 16] [--max-batch 8,1] [--model M | --url U]
+Run: python benchmarks/serve_load.py [--requests 500] [--concurrency 16] [--max-batch 8,1] [--record off,on]
+     [--model M | --url U]
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import io
 import ipaddress
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -32,7 +37,7 @@ START_TIMEOUT_S = 180.0
 
 
 def photos(n: int = 8, seed: int = 0) -> list[bytes]:
-    """A few 640x480 JPEGs: a light box on a noisy background, some with a dark spot."""
+    """n different 640x480 JPEGs: a light box on a noisy background, every other one with a dark spot."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -84,7 +89,7 @@ def report(label: str, result: dict) -> None:
     detail = f" ({', '.join(f'{k}: {v}' for k, v in result['errors'].items())})" if errors else ""
     per_batch = (result["n"] - errors) / result["batches"] if result["batches"] else float("nan")
     print(
-        f"{label:<14} requests {result['n']}  errors {errors}{detail}  "
+        f"{label:<24} requests {result['n']}  errors {errors}{detail}  "
         f"p50 {np.percentile(lat, 50):7.1f} ms  p99 {np.percentile(lat, 99):7.1f} ms  "
         f"throughput {result['n'] / result['seconds']:6.1f} req/s  mean batch {per_batch:.2f}",
         flush=True,
@@ -108,11 +113,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(model: Path, max_batch: int):
-    """`vlm-inspect serve` on a free loopback port; stopped when the block ends."""
+def server(model: Path, max_batch: int, station: Path | None = None):
+    """`vlm-inspect serve` on a free loopback port (recording into `station` when given); stopped when the block ends."""
     port = free_port()
     command = [sys.executable, "-m", "vlm_inspect.cli", "serve", "--model", str(model), "--port", str(port)]
     command += ["--max-batch", str(max_batch), "--device", "cpu"]
+    command += ["--station", str(station)] if station else []
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -148,8 +154,9 @@ def main() -> None:
     parser.add_argument("--max-batch", default="8,1", help="comma-separated values, one server run each")
     parser.add_argument("--model", type=Path, help="model folder (default: a freshly built tiny model)")
     parser.add_argument("--url", help="load this running server instead of starting one (loopback only)")
+    parser.add_argument("--record", default="off,on", help="comma-separated off/on: serve without or with --station")
     args = parser.parse_args()
-    images = photos()
+    images = photos(args.requests + WARMUP_REQUESTS)
     print(f"{args.requests} requests at concurrency {args.concurrency}, 640x480 JPEG photos", flush=True)
     if args.url:
         check_loopback(args.url)
@@ -162,9 +169,27 @@ def main() -> None:
 
             model = save_tiny_model(Path(tmp) / "tiny-llava", seed=0)
         for max_batch in (int(v) for v in args.max_batch.split(",")):
-            with server(model, max_batch) as url:
-                result = asyncio.run(load(url, args.requests, args.concurrency, images))
-            report(f"max_batch {max_batch}", result)
+            for record in args.record.split(","):
+                station = Path(tmp) / f"station-{max_batch}" if record == "on" else None
+                with server(model, max_batch, station) as url:
+                    result = asyncio.run(load(url, args.requests, args.concurrency, images))
+                report(f"max_batch {max_batch} record {record}", result)
+                if station:
+                    report_store(station, args.requests + WARMUP_REQUESTS)
+
+
+def report_store(station: Path, inspections: int) -> None:
+    """Bytes the station holds per 1,000 inspections: database (WAL checkpointed into it) and photo files."""
+    with sqlite3.connect(station / "station.db") as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db = sum(p.stat().st_size for p in station.glob("station.db*"))
+    photo_files = sum(p.stat().st_size for p in (station / "photos").rglob("*") if p.is_file())
+    per = 1000 / inspections
+    print(
+        f"{'':<24} stored per 1,000 inspections: database {db * per / 1024:,.0f} KiB, "
+        f"photos {photo_files * per / 1024**2:,.1f} MiB (mean photo {photo_files / inspections / 1024:,.0f} KiB)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from typer.testing import CliRunner
 from vlm_inspect.cli import app
 
 VERBS = ["prepare", "train", "merge", "convert", "predict", "evaluate", "serve", "demo", "env", "tiny-model"]
+VERBS += ["watch", "label", "export", "prune"]
 runner = CliRunner()
 
 

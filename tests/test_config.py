@@ -19,7 +19,15 @@ def test_every_field_has_a_docstring():
 
     from vlm_inspect import config
 
-    for cls in [config.PrepareConfig, TrainConfig, config.MergeConfig, config.PredictConfig, config.ServeConfig]:
+    station = [config.WatchConfig, config.ExportConfig, config.LabelConfig, config.PruneConfig]
+    for cls in [
+        config.PrepareConfig,
+        TrainConfig,
+        config.MergeConfig,
+        config.PredictConfig,
+        config.ServeConfig,
+        *station,
+    ]:
         docs = field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in docs]
         assert missing == [], f"{cls.__name__} fields without help text: {missing}"

@@ -30,6 +30,10 @@ err_console = Console(stderr=True)
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file of settings (see the list below).")]
 OverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="Replace existing output.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... or auto.")]
+StationOpt = Annotated[Optional[Path], typer.Option(help="Station folder: records, photos, SQLite database.")]
+DbOpt = Annotated[
+    Optional[str], typer.Option(help="Database URL instead of DIR/station.db (postgresql+psycopg://...).")
+]
 
 
 def _run(fn: Callable[[], Any]) -> Any:
@@ -265,6 +269,8 @@ def serve(
     threshold: Annotated[Optional[float], typer.Option(help="p(NG) threshold.")] = None,
     max_batch: Annotated[Optional[int], typer.Option(help="Most requests per forward pass.")] = None,
     device: DeviceOpt = None,
+    station: StationOpt = None,
+    db: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Serve the model: REST inspection, OpenAI-compatible chat, operator web page."""
@@ -280,6 +286,8 @@ def serve(
             threshold=threshold,
             max_batch=max_batch,
             device=device,
+            station=_s(station),
+            db=db,
         )
     )
 
@@ -289,6 +297,106 @@ def serve(
         run(cfg)
 
     _run(go)
+
+
+@app.command(epilog=_epilog(cfgmod.WatchConfig))
+def watch(
+    folder: Annotated[Optional[Path], typer.Argument(help="Hot folder the camera writes photos into.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Model folder.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="Adapter or run folder.")] = None,
+    station: StationOpt = None,
+    db: DbOpt = None,
+    sort: Annotated[Optional[str], typer.Option(help="none, move (into ok/ ng/) or result-file.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="p(NG) threshold.")] = None,
+    describe: Annotated[Optional[bool], typer.Option("--describe", help="Also describe NG photos.")] = None,
+    poll_s: Annotated[Optional[float], typer.Option(help="Seconds between looks at the folder.")] = None,
+    once: Annotated[Optional[bool], typer.Option("--once", help="Inspect what is there now, then exit.")] = None,
+    max_polls: Annotated[Optional[int], typer.Option(help="Stop after this many polls.")] = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Inspect each new photo in a hot folder once, record it, and sort or answer it."""
+    from vlm_inspect.station.watch import watch as run
+
+    cfg = _run(
+        lambda: cfgmod.build_config(
+            cfgmod.WatchConfig,
+            config,
+            folder=_s(folder),
+            model=_s(model),
+            adapter=_s(adapter),
+            station=_s(station),
+            db=db,
+            sort=sort,
+            threshold=threshold,
+            describe=describe,
+            poll_s=poll_s,
+            once=once,
+            max_polls=max_polls,
+            device=device,
+        )
+    )
+    _run(lambda: run(cfg))
+
+
+@app.command(epilog=_epilog(cfgmod.LabelConfig))
+def label(
+    photos: Annotated[Optional[Path], typer.Argument(help="Folder of photos to label.")] = None,
+    station: StationOpt = None,
+    db: DbOpt = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="TCP port.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="Require this bearer token.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Sort a fresh photo folder into OK / NG and box the defects on the station page (no model needed)."""
+    from vlm_inspect.station.label import label as run
+
+    cfg = _run(
+        lambda: cfgmod.build_config(
+            cfgmod.LabelConfig, config, photos=_s(photos), station=_s(station), db=db, host=host, port=port,
+            api_key=api_key,
+        )
+    )  # fmt: skip
+    _run(lambda: run(cfg))
+
+
+@app.command("export", epilog=_epilog(cfgmod.ExportConfig))
+def export_(
+    station: StationOpt = None,
+    db: DbOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Class-folder tree to write.")] = None,
+    overwrite: OverwriteOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Write the station's reviewed photos as ok/ and ng/<type>/ folders with sidecars for prepare."""
+    from vlm_inspect.station.export import export as run
+
+    cfg = _run(
+        lambda: cfgmod.build_config(
+            cfgmod.ExportConfig, config, station=_s(station), db=db, out=_s(out), overwrite=overwrite
+        )
+    )
+    _run(lambda: run(cfg))
+
+
+@app.command(epilog=_epilog(cfgmod.PruneConfig))
+def prune(
+    station: StationOpt = None,
+    db: DbOpt = None,
+    max_age_days: Annotated[Optional[float], typer.Option(help="Delete unreviewed records older than this.")] = None,
+    max_gb: Annotated[Optional[float], typer.Option(help="Keep the stored photos under this many GiB.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Retention: delete old unreviewed records by age or photo-folder size; reviewed ones always stay."""
+    from vlm_inspect.station.retention import prune as run
+
+    cfg = _run(
+        lambda: cfgmod.build_config(
+            cfgmod.PruneConfig, config, station=_s(station), db=db, max_age_days=max_age_days, max_gb=max_gb
+        )
+    )
+    _run(lambda: run(cfg))
 
 
 @app.command(epilog=_epilog(cfgmod.DemoConfig))

@@ -244,6 +244,10 @@ class ServeConfig:
     """Most image tokens one photo may cost (Qwen2.5-VL: one per 28 × 28 px, Qwen3-VL: 32 × 32, InternVL: 256 per 448 px tile); unset: the run's, else 1280. Fixed-view families (LLaVA-1.5: 576, Gemma 3: 256) ignore it."""
     device: str = "auto"
     """cpu, cuda, cuda:1 ... or auto."""
+    station: str | None = None
+    """Station folder: record every inspection (photo, verdict, model) there; adds history and review to the page."""
+    db: str | None = None
+    """Database URL for the station record instead of DIR/station.db, e.g. postgresql+psycopg://user@host/db."""
 
 
 @dataclass
@@ -256,6 +260,76 @@ class DemoConfig:
     """Seed for images, model and training."""
     overwrite: bool = False
     """Replace an existing demo folder."""
+
+
+@dataclass
+class WatchConfig:
+    folder: str = ""
+    """Hot folder a line camera writes photos into; new photos are inspected once each."""
+    model: str = ""
+    """Model folder (base or merged)."""
+    adapter: str | None = None
+    """Adapter or run folder to apply on top of model."""
+    station: str = ""
+    """Station folder where every verdict is recorded (the ledger of photos already inspected)."""
+    db: str | None = None
+    """Database URL for the station record instead of DIR/station.db."""
+    sort: Literal["none", "move", "result-file"] = "none"
+    """After inspection: none; move into ok/ and ng/ subfolders; or write <photo>.result.json beside it."""
+    threshold: float = 0.5
+    """p(NG) at or above which a photo is NG."""
+    describe: bool = False
+    """Also describe each NG photo (slower)."""
+    poll_s: float = 1.0
+    """Seconds between looks at the folder; a file is read once its size and time stay the same for one poll."""
+    once: bool = False
+    """Inspect what is in the folder now (after one settling poll), then exit."""
+    max_polls: int | None = None
+    """Stop after this many polls (unset: run until interrupted)."""
+    batch_size: int = 8
+    """Photos per forward pass."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1 ... or auto."""
+
+
+@dataclass
+class ExportConfig:
+    station: str = ""
+    """Station folder to export the reviewed records of."""
+    db: str | None = None
+    """Database URL of the station record instead of DIR/station.db."""
+    out: str = ""
+    """Folder to write: ok/, ng/<defect type>/ with <stem>.json sidecars, ready for `vlm-inspect prepare`."""
+    overwrite: bool = False
+    """Replace an existing non-empty output folder."""
+
+
+@dataclass
+class LabelConfig:
+    photos: str = ""
+    """Folder of photos to sort into OK / NG and box (searched recursively)."""
+    station: str = ""
+    """Station folder the labels are recorded in (export them with `vlm-inspect export`)."""
+    db: str | None = None
+    """Database URL of the station record instead of DIR/station.db."""
+    host: str = "127.0.0.1"
+    """Address to bind; only this machine can connect unless changed."""
+    port: int = 8000
+    """TCP port."""
+    api_key: str | None = None
+    """When set, every route but the page needs `Authorization: Bearer KEY`."""
+
+
+@dataclass
+class PruneConfig:
+    station: str = ""
+    """Station folder to prune."""
+    db: str | None = None
+    """Database URL of the station record instead of DIR/station.db."""
+    max_age_days: float | None = None
+    """Delete unreviewed inspections older than this many days."""
+    max_gb: float | None = None
+    """Then delete the oldest unreviewed inspections until the stored photos fit in this many GiB."""
 
 
 # ---------------------------------------------------------------- machinery

@@ -27,3 +27,7 @@ class DataError(VlmInspectError):
 
 class OutputExistsError(VlmInspectError):
     """An output folder or file exists and overwriting was not asked for."""
+
+
+class StationError(VlmInspectError):
+    """The station store (its folder or database) cannot be opened, read or written."""

@@ -47,9 +47,11 @@ except ImportError as err:  # the `serve` extra is optional
     ) from None
 
 from vlm_inspect.serve.batcher import Batcher, QueueFull
+from vlm_inspect.serve.station_routes import Recorder, station_router
 
 STATIC = Path(__file__).parent / "static"
 PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "app.css": "text/css"}
+PAGE_FILES |= {"history.html": "text/html", "history.js": "text/javascript"}
 
 # Larger than any line camera's frame (a 50 MP photo decodes to 150 MB); refused before decoding.
 MAX_IMAGE_PIXELS = 50_000_000
@@ -150,6 +152,8 @@ def create_app(predictor: Any, cfg: ServeConfig) -> FastAPI:
         The FastAPI app, ready for uvicorn or a TestClient.
     """
 
+    recorder = Recorder.for_serve(cfg, predictor)  # records nothing without --station / --db
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.batcher = Batcher(predictor, cfg.max_batch, cfg.max_queue, cfg.request_timeout_s)
@@ -157,18 +161,20 @@ def create_app(predictor: Any, cfg: ServeConfig) -> FastAPI:
             yield
         finally:
             await app.state.batcher.close()
+            recorder.close()
 
     # No /docs: Swagger UI loads its code from a CDN, and the line PC may have no internet.
     app = FastAPI(title="vlm-inspect", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     max_upload = int(cfg.max_upload_mb * 1024 * 1024)
     app.add_middleware(_BodyLimit, max_bytes=max_upload * 4 // 3 + _BODY_SLACK_BYTES)
     _add_error_handlers(app)
-    _add_api_routes(app, predictor, cfg, max_upload)
+    _add_api_routes(app, predictor, cfg, max_upload, recorder)
     _add_page_routes(app)
+    app.include_router(station_router(recorder.store, [Depends(_key_checker(cfg.api_key))], _page_file))
     return app
 
 
-def _add_api_routes(app: FastAPI, predictor: Any, cfg: ServeConfig, max_upload: int) -> None:
+def _add_api_routes(app: FastAPI, predictor: Any, cfg: ServeConfig, max_upload: int, recorder: Recorder) -> None:
     auth = [Depends(_key_checker(cfg.api_key))]
     # At most max_batch photos decode at once: each decode may hold up to ~0.9 GiB (data/images.py),
     # and 40 of them in the thread pool would add up before the queue limit turns anyone away.
@@ -199,10 +205,12 @@ def _add_api_routes(app: FastAPI, predictor: Any, cfg: ServeConfig, max_upload: 
             answer["description"] = texts[0]
         answer["model"] = predictor.name
         answer["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        await recorder.inspected(request, data, image, answer)
         return answer
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(request: Request) -> Any:
+        started = time.perf_counter()
         req = _validate(_ChatRequest, await _read_json(request))
         data, prompt = _conversation(req.messages, predictor, max_upload)
         image = await _decode(data, "image_url", decode_slots)
@@ -210,8 +218,9 @@ def _add_api_routes(app: FastAPI, predictor: Any, cfg: ServeConfig, max_upload: 
         batcher: Batcher = request.app.state.batcher
         if req.stream:
             pieces = batcher.stream(lambda: predictor.stream(image, prompt, max_new, req.temperature))
-            return await _stream_response(pieces, predictor.name)
+            return await _stream_response(recorder.streamed(pieces, data, image), predictor.name)
         texts = await batcher.call(lambda: predictor.generate([image], [prompt], max_new, req.temperature))
+        await recorder.chatted(data, image, texts[0], started)
         return _completion(texts[0], predictor.name)
 
 

@@ -8,7 +8,7 @@ const TEXT = {
     total: "Total", ok: "OK", ng: "NG", ngRate: "NG rate", errors: "Errors", export: "Export CSV", clear: "Clear",
     png: "p(NG)", pass: "Pass", fail: "Reject", error: "Error", waiting: "Inspecting…",
     needKey: "This server needs an API key: enter it at the top right, then drop the photos again.",
-    nothing: "Nothing to export yet.", threshold: "threshold", lang: "中文",
+    nothing: "Nothing to export yet.", threshold: "threshold", lang: "中文", history: "History",
   },
   zh: {
     title: "外观检测", describe: "描述缺陷", apiKey: "API 密钥",
@@ -16,7 +16,7 @@ const TEXT = {
     total: "总数", ok: "合格 OK", ng: "不合格 NG", ngRate: "不良率", errors: "错误", export: "导出 CSV", clear: "清空",
     png: "NG 概率", pass: "合格", fail: "不合格", error: "错误", waiting: "检测中…",
     needKey: "此服务器需要 API 密钥：请在右上角输入后重新拖放照片。",
-    nothing: "还没有可导出的结果。", threshold: "阈值", lang: "English",
+    nothing: "还没有可导出的结果。", threshold: "阈值", lang: "English", history: "历史记录",
   },
 };
 const PARALLEL = 4; // requests in flight; the server batches them for the model
@@ -69,7 +69,8 @@ async function inspect(row) {
   const form = new FormData();
   form.append("file", row.file, row.name);
   form.append("describe", $("describe").checked ? "true" : "false");
-  const headers = {};
+  // A station server records where the photo came from and its name.
+  const headers = { "X-Inspect-Source": "page", "X-Inspect-File": encodeURIComponent(row.name) };
   const key = $("api-key").value.trim();
   if (key) headers.Authorization = "Bearer " + key;
   try {
@@ -105,6 +106,7 @@ function render(row) {
     card.querySelector(".bar i").style.width = `${Math.round(row.p_ng * 100)}%`;
     card.querySelector(".desc").textContent = row.description || "";
     meta.textContent = `${row.verdict === "NG" ? t("fail") : t("pass")} · ${t("threshold")} ${row.threshold} · ${Math.round(row.latency_ms)} ms`;
+    if (row.record_id) meta.textContent += ` · #${row.record_id}`;
   }
 }
 

@@ -1,0 +1,309 @@
+// History, review and labelling page of the inspection station. Plain JS, no build step, no CDN.
+// Boxes are kept in photo pixels; the canvas over the photo draws them at the shown scale.
+"use strict";
+
+const PAGE = 50;
+const state = {
+  label: new URLSearchParams(location.search).has("label"),
+  offset: 0, total: 0, ids: [], record: null, verdict: null, boxes: [], drag: null, photoUrl: null,
+};
+const $ = (id) => document.getElementById(id);
+
+function headers(extra = {}) {
+  const key = $("api-key").value.trim();
+  return key ? { ...extra, Authorization: "Bearer " + key } : extra;
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: headers(options.headers) });
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({}));
+    const message = body.error?.message || `HTTP ${response.status}`;
+    throw new Error(response.status === 401 ? "This server needs an API key: enter it at the top right." : message);
+  }
+  return response;
+}
+
+function showNotice(text) { $("notice").textContent = text; $("notice").hidden = !text; }
+
+function filterQuery() {
+  const params = new URLSearchParams();
+  for (const [name, value] of new FormData($("filters"))) if (value) params.set(name, value);
+  if (state.label) { params.set("review", "unreviewed"); }
+  return params;
+}
+
+async function loadList() {
+  const params = filterQuery();
+  params.set("limit", PAGE);
+  params.set("offset", state.offset);
+  try {
+    const body = await (await api("/v1/station/records?" + params)).json();
+    state.total = body.total;
+    state.ids = body.records.map((r) => r.id);
+    renderList(body.records);
+    fillModels(body.models);
+    const last = Math.min(state.offset + body.records.length, body.total);
+    $("summary").textContent = state.label
+      ? `${body.total} photo(s) left to label`
+      : `${body.total} record(s); showing ${body.total ? state.offset + 1 : 0}–${last}`;
+    $("prev").disabled = state.offset === 0;
+    $("next").disabled = last >= body.total;
+    showNotice("");
+    return body.records;
+  } catch (err) {
+    showNotice(String(err.message || err));
+    return [];
+  }
+}
+
+function cell(row, text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text ?? "";
+  if (cls) td.className = cls;
+  row.appendChild(td);
+}
+
+function renderList(records) {
+  const body = $("records").tBodies[0];
+  body.textContent = "";
+  for (const r of records) {
+    const row = document.createElement("tr");
+    row.dataset.id = r.id;
+    row.className = "rec " + (r.final_verdict || "none").toLowerCase() + (state.record?.id === r.id ? " open" : "");
+    cell(row, r.id);
+    cell(row, r.time.replace("T", " ").replace("Z", ""));
+    cell(row, r.file, "file");
+    cell(row, r.source);
+    cell(row, r.model);
+    cell(row, r.p_ng === null ? "" : r.p_ng.toFixed(3), "num");
+    const shown = { unreviewed: r.verdict || "—", confirmed: `${r.verdict} ✓`, corrected: `${r.verdict} → ${r.final_verdict}` };
+    cell(row, shown[r.review] ?? `${r.final_verdict} (label)`, "state");
+    row.title = `${r.review}${r.latest_review ? " by " + r.latest_review.operator : ""}`;
+    row.addEventListener("click", () => openRecord(r.id));
+    body.appendChild(row);
+  }
+}
+
+function fillModels(models) {
+  const select = $("filters").elements.model;
+  const chosen = select.value;
+  select.length = 1;
+  for (const m of models) select.add(new Option(m, m, false, m === chosen));
+}
+
+async function openRecord(id) {
+  try {
+    const record = await (await api(`/v1/station/records/${id}`)).json();
+    const blob = await (await api(`/v1/station/records/${id}/photo`)).blob();
+    if (state.photoUrl) URL.revokeObjectURL(state.photoUrl);
+    state.photoUrl = URL.createObjectURL(blob);
+    state.record = record;
+    const latest = record.latest_review;
+    state.verdict = latest ? latest.verdict : record.verdict;
+    state.boxes = latest ? latest.boxes.map((b) => b.slice()) : [];
+    $("defect-type").value = latest?.defect_type || "";
+    $("description").value = latest?.description || "";
+    $("saved").textContent = "";
+    renderDetail();
+    $("photo").src = state.photoUrl;
+    $("d-full").href = state.photoUrl;
+    document.querySelectorAll("#records tr.rec").forEach((tr) => tr.classList.toggle("open", Number(tr.dataset.id) === id));
+    history.replaceState(null, "", `${location.pathname}${location.search}#${id}`);
+  } catch (err) {
+    showNotice(String(err.message || err));
+  }
+}
+
+function renderDetail() {
+  const r = state.record;
+  $("detail").hidden = false;
+  const badge = $("d-verdict");
+  badge.textContent = r.verdict || "to label";
+  badge.className = "badge-inline " + (r.verdict || "none").toLowerCase();
+  $("d-file").textContent = `#${r.id} ${r.file}`;
+  const parts = [r.time.replace("T", " "), r.source, r.model && `${r.model} (${r.model_hash || "?"})`];
+  if (r.p_ng !== null) parts.push(`p(NG) ${r.p_ng.toFixed(3)} at threshold ${r.threshold}`);
+  if (r.latency_ms !== null) parts.push(`${Math.round(r.latency_ms)} ms`);
+  parts.push(`${r.width}×${r.height} px`);
+  $("d-meta").textContent = parts.filter(Boolean).join(" · ");
+  $("d-desc").textContent = r.description || "";
+  const list = $("d-reviews");
+  list.textContent = "";
+  for (const rv of r.reviews) {
+    const li = document.createElement("li");
+    const what = [rv.verdict, rv.defect_type, rv.boxes.length ? `${rv.boxes.length} box(es)` : null, rv.description];
+    li.textContent = `${rv.time.replace("T", " ")} ${rv.operator}: ${what.filter(Boolean).join(" · ")}`;
+    list.appendChild(li);
+  }
+  renderChoice();
+}
+
+function renderChoice() {
+  document.querySelectorAll(".choose").forEach((b) => b.classList.toggle("chosen", b.dataset.verdict === state.verdict));
+  $("box-count").textContent = `${state.boxes.length} box${state.boxes.length === 1 ? "" : "es"}`;
+  draw();
+}
+
+// ---------------------------------------------------------------- boxes on a canvas over the photo
+
+function scale() {
+  const img = $("photo");
+  return img.naturalWidth ? img.clientWidth / img.naturalWidth : 1;
+}
+
+function fitCanvas() {
+  const img = $("photo");
+  const canvas = $("boxes");
+  canvas.width = img.clientWidth;
+  canvas.height = img.clientHeight;
+  canvas.style.width = img.clientWidth + "px";
+  canvas.style.height = img.clientHeight + "px";
+  draw();
+}
+
+function draw() {
+  const canvas = $("boxes");
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const s = scale();
+  const shapes = state.drag ? [...state.boxes, state.drag.box] : state.boxes;
+  ctx.lineWidth = 3;
+  for (const [x0, y0, x1, y1] of shapes) {
+    ctx.strokeStyle = "#cf222e";
+    ctx.fillStyle = "rgba(207, 34, 46, 0.15)";
+    ctx.fillRect(x0 * s, y0 * s, (x1 - x0) * s, (y1 - y0) * s);
+    ctx.strokeRect(x0 * s, y0 * s, (x1 - x0) * s, (y1 - y0) * s);
+  }
+}
+
+function photoPoint(ev) {
+  const rect = $("boxes").getBoundingClientRect();
+  const img = $("photo");
+  const s = scale();
+  const clamp = (v, max) => Math.min(Math.max(v, 0), max);
+  return [clamp((ev.clientX - rect.left) / s, img.naturalWidth), clamp((ev.clientY - rect.top) / s, img.naturalHeight)];
+}
+
+function wireCanvas() {
+  const canvas = $("boxes");
+  canvas.addEventListener("pointerdown", (ev) => {
+    if (!state.record) return;
+    ev.preventDefault();
+    canvas.setPointerCapture(ev.pointerId);
+    const start = photoPoint(ev);
+    state.drag = { start, box: [...start, ...start] };
+  });
+  canvas.addEventListener("pointermove", (ev) => {
+    if (!state.drag) return;
+    const [x, y] = photoPoint(ev);
+    const [sx, sy] = state.drag.start;
+    state.drag.box = [Math.min(sx, x), Math.min(sy, y), Math.max(sx, x), Math.max(sy, y)];
+    draw();
+  });
+  const finish = () => {
+    if (!state.drag) return;
+    const [x0, y0, x1, y1] = state.drag.box.map((v) => Math.round(v));
+    state.drag = null;
+    if (x1 - x0 >= 2 && y1 - y0 >= 2) {
+      state.boxes.push([x0, y0, x1, y1]);
+      state.verdict = "NG"; // a boxed defect makes the photo NG
+    }
+    renderChoice();
+  };
+  canvas.addEventListener("pointerup", finish);
+  canvas.addEventListener("pointercancel", () => { state.drag = null; draw(); });
+  $("photo").addEventListener("load", fitCanvas);
+  window.addEventListener("resize", fitCanvas);
+}
+
+// ---------------------------------------------------------------- saving a review
+
+async function saveReview(goNext) {
+  if (!state.record) return;
+  const operator = $("operator").value.trim();
+  if (!operator) { showNotice("Enter the operator's name at the top right first."); $("operator").focus(); return; }
+  if (!state.verdict) { showNotice("Choose OK or NG first."); return; }
+  const ng = state.verdict === "NG";
+  const body = {
+    verdict: state.verdict,
+    operator,
+    defect_type: ng ? $("defect-type").value.trim() || null : null,
+    boxes: ng ? state.boxes : [],
+    description: $("description").value.trim() || null,
+  };
+  try {
+    const response = await api(`/v1/station/records/${state.record.id}/reviews`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+    const saved = await response.json();
+    state.record = saved.record;
+    renderDetail();
+    $("saved").textContent = `saved (review ${saved.review_id})`;
+    showNotice("");
+    const records = await loadList();
+    if (goNext) await openNext(records);
+  } catch (err) {
+    showNotice(String(err.message || err));
+  }
+}
+
+async function openNext(records) {
+  if (state.label) {
+    const queue = await (await api("/v1/station/queue?limit=1")).json();
+    if (queue.ids.length) await openRecord(queue.ids[0]);
+    else { $("detail").hidden = true; state.record = null; showNotice("All photos are labelled. Export them with `vlm-inspect export`."); }
+    return;
+  }
+  const ids = records.map((r) => r.id);
+  const later = ids.filter((id) => id < state.record.id);
+  if (later.length) await openRecord(later[0]);
+}
+
+async function exportCsv() {
+  try {
+    const blob = await (await api("/v1/station/records.csv?" + filterQuery())).blob();
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(blob);
+    link.download = `inspections-${new Date().toISOString().slice(0, 19).replace(/[:T]/g, "-")}.csv`;
+    link.click();
+    setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+  } catch (err) {
+    showNotice(String(err.message || err));
+  }
+}
+
+function remember(id, store, name) {
+  $(id).value = store.getItem(name) || "";
+  $(id).addEventListener("change", (ev) => store.setItem(name, ev.target.value));
+}
+
+document.addEventListener("DOMContentLoaded", async () => {
+  remember("api-key", sessionStorage, "vlm-inspect-key"); // the same key as the inspection page
+  remember("operator", localStorage, "vlm-inspect-operator");
+  if (state.label) {
+    document.body.classList.add("labeller");
+    $("title").textContent = "Label photos";
+    document.title = "vlm-inspect · label";
+    $("filters").hidden = true;
+  }
+  wireCanvas();
+  $("filters").addEventListener("submit", (ev) => { ev.preventDefault(); state.offset = 0; loadList(); });
+  $("export-csv").addEventListener("click", exportCsv);
+  $("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE); loadList(); });
+  $("next").addEventListener("click", () => { state.offset += PAGE; loadList(); });
+  document.querySelectorAll(".choose").forEach((b) => b.addEventListener("click", () => {
+    state.verdict = b.dataset.verdict;
+    if (state.verdict === "OK") state.boxes = [];
+    renderChoice();
+  }));
+  $("undo-box").addEventListener("click", () => { state.boxes.pop(); renderChoice(); });
+  $("clear-boxes").addEventListener("click", () => { state.boxes = []; renderChoice(); });
+  $("review").addEventListener("submit", (ev) => { ev.preventDefault(); saveReview(false); });
+  $("save-next").addEventListener("click", () => saveReview(true));
+  $("api-key").addEventListener("change", () => loadList());
+  const records = await loadList();
+  const wanted = Number(location.hash.slice(1));
+  if (wanted) await openRecord(wanted);
+  else if (state.label && records.length) await openNext(records);
+});

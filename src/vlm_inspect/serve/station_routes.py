@@ -1,0 +1,230 @@
+"""The station behind `serve --station DIR` and `label`: recording inspections, history, review, CSV, label queue.
+
+Routes (all but the pages need the API key when one is set):
+`GET /history` (the history, review and labelling page), `GET /v1/station/records` (filtered list),
+`GET /v1/station/records.csv` (the same view as CSV), `GET /v1/station/records/{id}` (one record with
+its reviews), `GET /v1/station/records/{id}/photo` (the photo's bytes), `POST /v1/station/records/{id}/reviews`
+(an operator's review), `GET /v1/station/queue` (unreviewed records, oldest first, for labelling).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, Callable
+from datetime import date
+from typing import Annotated, Any
+from urllib.parse import unquote
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import FileResponse, Response
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from vlm_inspect.config import ServeConfig
+from vlm_inspect.data.prompts import parse_verdict
+from vlm_inspect.errors import StationError
+from vlm_inspect.station.history import HistoryFilter, all_records, csv_text, get_record, list_records, models_seen
+from vlm_inspect.station.identity import model_identity
+from vlm_inspect.station.store import StationStore, open_store
+
+SOURCE_HEADER = "x-inspect-source"
+FILE_HEADER = "x-inspect-file"
+_PHOTO_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp", ".tif": "image/tiff"}
+_PHOTO_TYPES |= {".webp": "image/webp", ".gif": "image/gif"}
+
+
+class Recorder:
+    """Writes each inspection the server answers into the station store (a no-op without a station)."""
+
+    def __init__(self, store: StationStore | None, model_name: str = "", model_hash: str | None = None):
+        self.store, self.model_name, self.model_hash = store, model_name, model_hash
+
+    @classmethod
+    def for_serve(cls, cfg: ServeConfig, predictor: Any) -> Recorder:
+        if not cfg.station and not cfg.db:
+            return cls(None)
+        return cls(open_store(cfg.station, cfg.db), predictor.name, model_identity(cfg.model, cfg.adapter)[1])
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    async def inspected(self, request: Request, data: bytes, image: Image.Image, answer: dict) -> None:
+        """Record a /v1/inspect answer and add its `record_id` to it."""
+        if self.store is None:
+            return
+        source = "page" if request.headers.get(SOURCE_HEADER, "").lower() == "page" else "api"
+        fields = {k: answer.get(k) for k in ("verdict", "p_ng", "threshold", "description", "latency_ms")}
+        answer["record_id"] = await self._record(data, image, _upload_name(request), source, fields)
+
+    async def chatted(self, data: bytes, image: Image.Image, text: str, started: float) -> None:
+        """Record an OpenAI-route answer about an image: the verdict it starts with, and the text."""
+        if self.store is None:
+            return
+        fields = {"verdict": parse_verdict(text), "description": text, "latency_ms": _since(started)}
+        await self._record(data, image, "image_url", "chat", fields)
+
+    async def streamed(
+        self, pieces: AsyncGenerator[str, None], data: bytes, image: Image.Image
+    ) -> AsyncGenerator[str, None]:
+        """Pass a streamed answer through and record it once it is complete."""
+        started, said = time.perf_counter(), []
+        try:
+            async for piece in pieces:
+                said.append(piece)
+                yield piece
+        finally:
+            await pieces.aclose()
+        await self.chatted(data, image, "".join(said), started)
+
+    async def _record(self, data: bytes, image: Image.Image, name: str, source: str, fields: dict) -> int | None:
+        fields |= {"model_name": self.model_name, "model_hash": self.model_hash}
+        try:
+            return await run_in_threadpool(self.store.record, data, image, file_name=name, source=source, **fields)
+        except StationError as err:
+            raise HTTPException(507, f"the inspection was not recorded: {err}") from None
+
+
+def _upload_name(request: Request) -> str:
+    """The photo's file name: the X-Inspect-File header (URL-encoded), else the multipart file name."""
+    named = unquote(request.headers.get(FILE_HEADER, "")).strip()
+    form = getattr(request, "_form", None)  # Starlette keeps the parsed form on the request
+    upload = form.get("file") if form is not None else None
+    name = named or getattr(upload, "filename", None) or "upload"
+    return name.replace("\\", "/").rsplit("/", 1)[-1] or "upload"
+
+
+def _since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+class _ReviewBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    verdict: str
+    operator: Annotated[str, Field(max_length=80)]
+    defect_type: Annotated[str, Field(max_length=80)] | None = None
+    boxes: list[list[float]] = []
+    description: Annotated[str, Field(max_length=4000)] | None = None
+
+
+def station_router(store: StationStore | None, auth: list, page: Callable[[str], Response]) -> APIRouter:
+    """History, review, CSV and label-queue routes over `store`; without a store they answer 404."""
+    router = APIRouter()
+
+    @router.get("/history", include_in_schema=False)
+    async def history_page() -> Response:
+        return page("history.html")
+
+    @router.get("/static/history.js", include_in_schema=False)
+    async def history_script() -> Response:
+        return page("history.js")
+
+    def need() -> StationStore:
+        if store is None:
+            raise HTTPException(404, "this server records nothing: start it with --station DIR to keep a history")
+        return store
+
+    @router.get("/v1/station/records", dependencies=auth)
+    async def records(request: Request) -> dict:
+        flt = _filter(request)
+        rows, total = await run_in_threadpool(_checked, list_records, need(), flt)
+        models = await run_in_threadpool(models_seen, need())
+        return {"records": rows, "total": total, "models": models}
+
+    @router.get("/v1/station/records.csv", dependencies=auth)
+    async def records_csv(request: Request) -> Response:
+        rows = await run_in_threadpool(_checked, all_records, need(), _filter(request))
+        headers = {"Content-Disposition": 'attachment; filename="inspections.csv"'}
+        return Response(csv_text(rows), media_type="text/csv; charset=utf-8", headers=headers)
+
+    @router.get("/v1/station/queue", dependencies=auth)
+    async def queue(source: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
+        flt = HistoryFilter(review="unreviewed", source=source, limit=limit)
+        rows, total = await run_in_threadpool(_checked, list_records, need(), flt, True)
+        return {"ids": [r["id"] for r in rows], "left": total}
+
+    @router.get("/v1/station/records/{record_id}", dependencies=auth)
+    async def record(record_id: int) -> dict:
+        return await run_in_threadpool(_found, need(), record_id)
+
+    @router.get("/v1/station/records/{record_id}/photo", dependencies=auth)
+    async def photo(record_id: int) -> FileResponse:
+        found = await run_in_threadpool(_found, need(), record_id)
+        path = need().photo_path(found["photo_sha256"], found["photo_suffix"])
+        media = _PHOTO_TYPES.get(found["photo_suffix"], "application/octet-stream")
+        return FileResponse(path, media_type=media, headers={"Cache-Control": "private, max-age=86400"})
+
+    @router.post("/v1/station/records/{record_id}/reviews", dependencies=auth)
+    async def review(record_id: int, request: Request) -> dict:
+        body = _review_body(await request.body())
+        await run_in_threadpool(_found, need(), record_id)
+        try:
+            review_id = await run_in_threadpool(need().review, record_id, **body.model_dump())
+        except StationError as err:
+            raise HTTPException(422, str(err)) from None
+        return {"review_id": review_id, "record": await run_in_threadpool(_found, need(), record_id)}
+
+    return router
+
+
+def _review_body(raw: bytes) -> _ReviewBody:
+    try:
+        return _ReviewBody.model_validate_json(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())
+        raise HTTPException(422, problems) from None
+
+
+def _filter(request: Request) -> HistoryFilter:
+    """A HistoryFilter from query parameters; 422 listing every bad one."""
+    query, problems = request.query_params, []
+
+    def number(name: str, kind: type) -> Any:
+        value = query.get(name)
+        if value in (None, ""):
+            return None
+        try:
+            return kind(value)
+        except ValueError:
+            problems.append(f"{name}: {value!r} is not a number")
+            return None
+
+    def day(name: str) -> date | None:
+        value = query.get(name)
+        if not value:
+            return None
+        try:
+            return date.fromisoformat(value)
+        except ValueError:
+            problems.append(f"{name}: {value!r} is not a date (YYYY-MM-DD)")
+            return None
+
+    text = {name: query.get(name) or None for name in ("verdict", "review", "model", "source")}
+    flt = HistoryFilter(
+        **text,
+        p_min=number("p_min", float),
+        p_max=number("p_max", float),
+        since=day("since"),
+        until=day("until"),
+        limit=number("limit", int) or 200,
+        offset=number("offset", int) or 0,
+    )
+    problems += flt.problems()
+    if problems:
+        raise HTTPException(422, "; ".join(problems))
+    return flt
+
+
+def _checked(fn: Callable, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except StationError as err:
+        raise HTTPException(422, str(err)) from None
+
+
+def _found(store: StationStore, record_id: int) -> dict:
+    try:
+        return get_record(store, record_id)
+    except StationError:
+        raise HTTPException(404, f"no record with id {record_id}") from None

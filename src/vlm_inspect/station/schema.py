@@ -1,0 +1,71 @@
+"""The station's tables: photos (stored once by content hash), inspections, and operator reviews.
+
+An inspection row is never changed after it is written: an operator's review is a new row that
+points at it, so the model's original verdict always stays on record. The latest review of an
+inspection is its final label. Migrations (migrations/versions/) create these tables; a change
+here needs a new revision there.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SOURCES = ("page", "api", "chat", "watch", "label")
+"""Where an inspection came from: the operator page, POST /v1/inspect, the OpenAI route, a hot folder, the labeller."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Photo(Base):
+    """One stored photo file, `photos/<sha[:2]>/<sha[2:]><suffix>` under the station folder."""
+
+    __tablename__ = "photos"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    suffix: Mapped[str] = mapped_column(String(8))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+class Inspection(Base):
+    """One verdict on one photo by one model (or a photo queued for labelling: verdict None)."""
+
+    __tablename__ = "inspections"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    photo_sha256: Mapped[str] = mapped_column(ForeignKey("photos.sha256"), index=True)
+    file_name: Mapped[str] = mapped_column(String(255))
+    verdict: Mapped[str | None] = mapped_column(String(2), index=True)
+    p_ng: Mapped[float | None] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    description: Mapped[str | None] = mapped_column(Text)
+    model_name: Mapped[str | None] = mapped_column(String(255), index=True)
+    model_hash: Mapped[str | None] = mapped_column(String(64))
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    source: Mapped[str] = mapped_column(String(8))
+    source_key: Mapped[str | None] = mapped_column(Text, unique=True)
+    """Hot folder and labeller ledger: `path|size|mtime_ns` of the file, so no photo is inspected twice."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, index=True)
+
+
+class Review(Base):
+    """An operator's verdict, defect type, boxes (photo pixels) and description for one inspection."""
+
+    __tablename__ = "reviews"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    inspection_id: Mapped[int] = mapped_column(ForeignKey("inspections.id"), index=True)
+    verdict: Mapped[str] = mapped_column(String(2))
+    defect_type: Mapped[str | None] = mapped_column(String(80))
+    boxes_json: Mapped[str] = mapped_column(Text, default="[]")
+    description: Mapped[str | None] = mapped_column(Text)
+    operator: Mapped[str] = mapped_column(String(80))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)

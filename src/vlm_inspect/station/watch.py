@@ -1,0 +1,221 @@
+"""`vlm-inspect watch FOLDER`: inspect each photo a line camera writes into a hot folder, once.
+
+A file is read only when its size and modification time are the same on two polls in a row, so a
+photo still being written is left for later. The station store is the ledger: every photo is
+recorded under its key `path|size|mtime_ns` (plus its content hash), so after a restart a photo
+already recorded is not inspected again, and one recorded but not yet moved or answered is moved or
+answered without a second inspection. Two watchers on one folder record each photo once (the key is
+unique in the database). After inspection a photo is left as it is, moved into `ok/` or `ng/`, or
+answered with `<photo>.result.json` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from vlm_inspect.config import WatchConfig, require
+from vlm_inspect.data.images import IMAGE_SUFFIXES, load_image
+from vlm_inspect.errors import ConfigError, DataError
+from vlm_inspect.station.identity import model_identity
+from vlm_inspect.station.store import StationStore, open_store
+
+RESULT_SUFFIX = ".result.json"
+SORT_FOLDERS = ("ok", "ng")
+console = Console()
+
+
+@dataclass
+class _Ready:
+    path: Path
+    key: str
+
+
+def watch(cfg: WatchConfig) -> Path:
+    """Inspect the hot folder until interrupted (or for `once` / `max_polls`); the folder.
+
+    Raises:
+        ConfigError: a setting is unusable (every problem listed).
+        ModelFolderError: the model or adapter cannot be loaded.
+        StationError: the station cannot be opened or written (a full disk names the folder).
+    """
+    from vlm_inspect.predict import Predictor
+
+    check_watch_config(cfg)
+    store = open_store(cfg.station, cfg.db)
+    try:
+        predictor = Predictor.load(cfg.model, adapter=cfg.adapter, device=cfg.device)
+        watcher = Watcher(store, predictor, cfg, model_identity(cfg.model, cfg.adapter)[1])
+        console.print(f"watching {cfg.folder} with {predictor.name}; recording to {store.where}")
+        watcher.run()
+    finally:
+        store.close()
+    return Path(cfg.folder)
+
+
+def check_watch_config(cfg: WatchConfig) -> None:
+    problems = require(cfg, "folder", "model", "station")
+    if cfg.folder and not Path(cfg.folder).is_dir():
+        problems.append(f"folder: {cfg.folder} is not a folder")
+    if not 0.0 <= cfg.threshold <= 1.0:
+        problems.append(f"threshold: {cfg.threshold} is not between 0 and 1")
+    if cfg.poll_s <= 0:
+        problems.append(f"poll_s: {cfg.poll_s} must be more than 0")
+    if cfg.batch_size < 1:
+        problems.append(f"batch_size: {cfg.batch_size} must be at least 1")
+    if cfg.max_polls is not None and cfg.max_polls < 1:
+        problems.append(f"max_polls: {cfg.max_polls} must be at least 1")
+    if problems:
+        raise ConfigError(problems)
+
+
+class Watcher:
+    """Polls one folder; `poll()` inspects every photo that has stopped changing since the last poll."""
+
+    def __init__(self, store: StationStore, predictor: Any, cfg: WatchConfig, model_hash: str):
+        self.store, self.predictor, self.cfg, self.model_hash = store, predictor, cfg, model_hash
+        self.folder = Path(cfg.folder).resolve()
+        self.previous: dict[Path, tuple[int, int]] = {}
+        self.done: set[str] = set()  # keys finished in this run: no database look-up each poll
+        self.inspected = 0
+
+    def run(self) -> None:
+        limit = 2 if self.cfg.once and self.cfg.max_polls is None else self.cfg.max_polls
+        polls = 0
+        while True:
+            self.poll()
+            polls += 1
+            if limit is not None and polls >= limit:
+                return
+            time.sleep(self.cfg.poll_s)
+
+    def poll(self) -> int:
+        """One look at the folder; how many photos were inspected."""
+        current = self._scan()
+        ready = [
+            _Ready(path, f"{path}|{size}|{mtime}")
+            for path, (size, mtime) in sorted(current.items(), key=lambda item: (item[1][1], item[0]))
+            if self.previous.get(path) == (size, mtime) and f"{path}|{size}|{mtime}" not in self.done
+        ]
+        self.previous = current
+        count = 0
+        for start in range(0, len(ready), self.cfg.batch_size):
+            count += self._handle(ready[start : start + self.cfg.batch_size])
+        self.inspected += count
+        return count
+
+    def _scan(self) -> dict[Path, tuple[int, int]]:
+        found = {}
+        for entry in os.scandir(self.folder):
+            name = entry.name
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                if entry.is_file():
+                    stat = entry.stat()
+                    found[Path(entry.path)] = (stat.st_size, stat.st_mtime_ns)
+            except FileNotFoundError:  # moved away by another watcher meanwhile
+                continue
+        return found
+
+    def _handle(self, batch: list[_Ready]) -> int:
+        todo, images, blobs = [], [], []
+        for item in batch:
+            recorded = self.store.find_key(item.key)
+            if recorded is not None:  # inspected before a restart, or by another watcher
+                self._finish(item, recorded.verdict, recorded.p_ng, recorded.id)
+                continue
+            loaded = self._load(item)
+            if loaded is not None:
+                todo.append(item)
+                blobs.append(loaded[0])
+                images.append(loaded[1])
+        if not todo:
+            return 0
+        started = time.perf_counter()
+        scores = self.predictor.score(images, batch_size=self.cfg.batch_size)
+        texts = self._describe(images, scores)
+        latency = (time.perf_counter() - started) * 1000 / len(todo)
+        for item, data, image, p_ng, text in zip(todo, blobs, images, scores, texts, strict=True):
+            verdict = "NG" if p_ng >= self.cfg.threshold else "OK"
+            record_id = self.store.record(
+                data,
+                image,
+                file_name=item.path.name,
+                source="watch",
+                source_key=item.key,
+                verdict=verdict,
+                p_ng=p_ng,
+                threshold=self.cfg.threshold,
+                description=text,
+                model_name=self.predictor.name,
+                model_hash=self.model_hash,
+                latency_ms=round(latency, 1),
+            )
+            if record_id is None:  # another watcher recorded it first: its verdict stands
+                recorded = self.store.find_key(item.key)
+                verdict, p_ng, record_id = recorded.verdict, recorded.p_ng, recorded.id
+            self._finish(item, verdict, p_ng, record_id)
+        return len(todo)
+
+    def _load(self, item: _Ready) -> tuple[bytes, Any] | None:
+        try:
+            data = item.path.read_bytes()
+            return data, load_image(data, name=str(item.path))
+        except FileNotFoundError:
+            return None  # moved away by another watcher
+        except DataError as err:
+            console.print(f"[yellow]skipped[/] {err}")
+            self.done.add(item.key)  # not retried until the file changes
+            return None
+
+    def _describe(self, images: list[Any], scores: list[float]) -> list[str | None]:
+        texts: list[str | None] = [None] * len(images)
+        if not self.cfg.describe:
+            return texts
+        ng = [i for i, p in enumerate(scores) if p >= self.cfg.threshold]
+        if ng:
+            for i, text in zip(ng, self.predictor.describe([images[i] for i in ng]), strict=True):
+                texts[i] = text
+        return texts
+
+    def _finish(self, item: _Ready, verdict: str, p_ng: float | None, record_id: int) -> None:
+        """Move or answer the photo as asked; safe to repeat after a crash."""
+        self.done.add(item.key)
+        where = ""
+        if self.cfg.sort == "move":
+            where = self._move(item.path, verdict)
+        elif self.cfg.sort == "result-file":
+            where = self._answer(item.path, verdict, p_ng, record_id)
+        console.print(f"{verdict} {p_ng if p_ng is not None else 0:.3f}  {item.path.name}{where}", highlight=False)
+
+    def _move(self, path: Path, verdict: str) -> str:
+        target_dir = self.folder / verdict.lower()
+        target_dir.mkdir(exist_ok=True)
+        target = target_dir / path.name
+        n = 1
+        while target.exists():  # never overwrite a photo already sorted under that name
+            target = target_dir / f"{path.stem}-{n}{path.suffix}"
+            n += 1
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return "  (already moved)"
+        return f"  -> {target.relative_to(self.folder)}"
+
+    def _answer(self, path: Path, verdict: str, p_ng: float | None, record_id: int) -> str:
+        result = path.with_name(path.name + RESULT_SUFFIX)
+        if result.exists():
+            return f"  ({result.name} already written)"
+        body = {"file": path.name, "verdict": verdict, "p_ng": p_ng, "threshold": self.cfg.threshold}
+        body |= {"model": self.predictor.name, "record_id": record_id}
+        tmp = result.with_name(f".{result.name}.tmp")
+        tmp.write_text(json.dumps(body, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, result)
+        return f"  -> {result.name}"

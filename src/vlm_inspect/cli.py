@@ -30,6 +30,9 @@ err_console = Console(stderr=True)
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file of settings (see the list below).")]
 OverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="Replace existing output.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... or auto.")]
+ImageTokensOpt = Annotated[
+    Optional[int], typer.Option(help="Most image tokens per photo (dynamic-resolution families); unset: the run's.")
+]
 StationOpt = Annotated[Optional[Path], typer.Option(help="Station folder: records, photos, SQLite database.")]
 DbOpt = Annotated[
     Optional[str], typer.Option(help="Database URL instead of DIR/station.db (postgresql+psycopg://...).")
@@ -193,6 +196,7 @@ def predict(
     threshold: Annotated[Optional[float], typer.Option(help="p(NG) threshold.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass.")] = None,
     question: Annotated[Optional[str], typer.Option(help="Question to ask.")] = None,
+    image_max_tokens: ImageTokensOpt = None,
     device: DeviceOpt = None,
     overwrite: OverwriteOpt = None,
     config: ConfigOpt = None,
@@ -213,6 +217,7 @@ def predict(
             batch_size=batch_size,
             question=question,
             device=device,
+            image_max_tokens=image_max_tokens,
             overwrite=overwrite,
         )
     )
@@ -231,6 +236,7 @@ def evaluate(
     threshold: Annotated[Optional[float], typer.Option(help="p(NG) threshold of the main table.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass.")] = None,
     gallery_size: Annotated[Optional[int], typer.Option(help="Most images shown with answers.")] = None,
+    image_max_tokens: ImageTokensOpt = None,
     device: DeviceOpt = None,
     overwrite: OverwriteOpt = None,
     config: ConfigOpt = None,
@@ -253,6 +259,7 @@ def evaluate(
             batch_size=batch_size,
             gallery_size=gallery_size,
             device=device,
+            image_max_tokens=image_max_tokens,
             overwrite=overwrite,
         )
     )
@@ -268,6 +275,7 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(help="Require this bearer token.")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="p(NG) threshold.")] = None,
     max_batch: Annotated[Optional[int], typer.Option(help="Most requests per forward pass.")] = None,
+    image_max_tokens: ImageTokensOpt = None,
     device: DeviceOpt = None,
     station: StationOpt = None,
     db: DbOpt = None,
@@ -286,6 +294,7 @@ def serve(
             threshold=threshold,
             max_batch=max_batch,
             device=device,
+            image_max_tokens=image_max_tokens,
             station=_s(station),
             db=db,
         )
@@ -428,11 +437,14 @@ def env() -> None:
 def tiny_model(
     out: Annotated[Path, typer.Argument(help="Folder to write the tiny model to.")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    family: Annotated[
+        str, typer.Option(help="llava, qwen2_5_vl, qwen3_vl, internvl or gemma3: the family's layout and tokens.")
+    ] = "llava",
 ) -> None:
-    """Build a tiny random LLaVA-1.5 (llava-hf layout) for tests and trials."""
-    from vlm_inspect.models.tiny import save_tiny_model
+    """Build a tiny random model of a family (its processor, tokenizer and chat template) for tests and trials."""
+    from vlm_inspect.models.family import family_named
 
-    path = _run(lambda: save_tiny_model(out, seed=seed))
+    path = _run(lambda: family_named(family).build_tiny(out, seed=seed))
     typer.echo(f"tiny model written to {path}")
 
 

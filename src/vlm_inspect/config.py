@@ -208,6 +208,8 @@ class EvaluateConfig:
     """Longest answer in the gallery, in tokens."""
     gallery_size: int = 48
     """Most images shown with answers in the report."""
+    compare: list[str] = field(default_factory=list)
+    """More tuned models scored on the same photos and shown side by side, each MODEL or MODEL,ADAPTER (e.g. a Qwen2.5-VL run beside a LLaVA-1.5 one)."""
     image_max_tokens: int | None = None
     """Most image tokens one photo may cost (Qwen2.5-VL: one per 28 × 28 px, Qwen3-VL: 32 × 32, InternVL: 256 per 448 px tile); unset: the run's, else 1280. Fixed-view families (LLaVA-1.5: 576, Gemma 3: 256) ignore it."""
     device: str = "auto"

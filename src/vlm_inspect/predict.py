@@ -330,7 +330,7 @@ def predict(cfg: PredictConfig) -> Path:
     paths = find_images(cfg.paths)
     if not paths:
         raise DataError(f"no images found under {', '.join(map(show_path, cfg.paths))}")
-    predictor = Predictor.load(cfg.model, cfg.adapter, device=cfg.device)
+    predictor = Predictor.load(cfg.model, cfg.adapter, device=cfg.device, image_max_tokens=cfg.image_max_tokens)
     rows: list[dict] = []
     with Progress() as progress:
         task = progress.add_task("inspecting", total=len(paths))

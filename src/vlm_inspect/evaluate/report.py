@@ -16,6 +16,7 @@ from markupsafe import Markup
 
 from vlm_inspect.errors import DataError
 from vlm_inspect.evaluate.metrics import wilson_interval
+from vlm_inspect.evaluate.views import warning as view_warning
 
 TEMPLATE = "report.html.j2"
 MODELS = ("base", "tuned")
@@ -94,6 +95,8 @@ def report_context(results: dict) -> dict:
         "loss_svg": Markup(loss_svg(results.get("training", {}).get("rows", []))),
         "caveats": small_set_caveats(results["data"]["n_ok"], results["data"]["n_ng"]),
         "gallery": gallery_rows(images, main["id"], threshold),
+        "comparison": results.get("comparison", []),
+        "view_warnings": [w for row in results.get("comparison", []) if (w := view_warning(row["view"], row["name"]))],
     }
 
 

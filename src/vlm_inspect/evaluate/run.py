@@ -24,6 +24,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -32,6 +33,8 @@ from vlm_inspect.config import EvaluateConfig, require, save_config
 from vlm_inspect.errors import ConfigError, DataError, OutputExistsError
 from vlm_inspect.evaluate.metrics import score_metrics, verdicts
 from vlm_inspect.evaluate.report import fmt_interval, fmt_pct, write_report
+from vlm_inspect.evaluate.views import model_view
+from vlm_inspect.evaluate.views import warning as view_warning
 
 RESULTS_VERSION = 1
 RESULTS_NAME = "results.json"
@@ -99,6 +102,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         console.print(f"[bold]merged model[/]: 'after' is {cfg.model}, 'before' is the separate base {cfg.base}")
     scores, answers, models, gallery = score_both_models(cfg, items, questions)
     results = build_results(cfg, items, skipped, questions, scores, answers, models, gallery, thumbnails)
+    results["comparison"] = compare_models(cfg, items, questions[0], results)
     out = write_outputs(cfg, results)
     print_summary(results, out)
     return out
@@ -110,6 +114,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
 def validate(cfg: EvaluateConfig) -> None:
     """Raise one ConfigError listing every bad setting; OutputExistsError for an existing report."""
     problems = require(cfg, "model", "data", "out")
+    problems += [f"compare: {spec!r} is not MODEL or MODEL,ADAPTER" for spec in cfg.compare if not spec.split(",")[0]]
     if cfg.adapter and cfg.base:
         problems.append(
             "adapter and base: give one. With --adapter, --model is the base and the adapter is switched off "
@@ -331,13 +336,15 @@ def model_sessions(cfg: EvaluateConfig) -> Iterator[tuple[str, Any, dict]]:
     from vlm_inspect.predict import Predictor
 
     if cfg.adapter:
-        predictor = Predictor.load(cfg.model, adapter=cfg.adapter, device=cfg.device)
+        predictor = Predictor.load(
+            cfg.model, adapter=cfg.adapter, device=cfg.device, image_max_tokens=cfg.image_max_tokens
+        )
         yield "tuned", predictor, {"model": cfg.model, "adapter": cfg.adapter, "how": "model + adapter"}
         with predictor.adapter_disabled():
             info = {"model": cfg.model, "adapter": None, "how": "same weights, adapter switched off"}
             yield "base", predictor, {"name": Path(cfg.model).name, **info}
         return
-    tuned = Predictor.load(cfg.model, device=cfg.device)
+    tuned = Predictor.load(cfg.model, device=cfg.device, image_max_tokens=cfg.image_max_tokens)
     yield "tuned", tuned, {"model": cfg.model, "adapter": None, "how": "merged model folder"}
     del tuned
     _free_memory()
@@ -370,7 +377,7 @@ def score_both_models(
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console) as progress:
         for key, predictor, info in model_sessions(cfg):
-            models[key] = {"name": info.pop("name", predictor.name), **info}
+            models[key] = {"name": info.pop("name", predictor.name), **info, "view": model_view(predictor, items)}
             task = progress.add_task(f"{key}: scoring", total=len(items) * len(questions))
             scores[key] = score_items(
                 predictor, items, questions, cfg.batch_size, lambda n, t=task: progress.advance(t, n)
@@ -383,6 +390,39 @@ def score_both_models(
             # Drop our reference before the next model loads, so a merged model and its base never share memory.
             del predictor
     return scores, answers, models, gallery
+
+
+def compare_models(cfg: EvaluateConfig, items: list[Item], question: Question, results: dict) -> list[dict]:
+    """Rows of the side-by-side table: the tuned model, the base, then each `--compare` model scored on the same
+    photos with the main question (loaded one at a time)."""
+    from vlm_inspect.predict import Predictor
+
+    labels = [item.label for item in items]
+    rows = [
+        {"key": m, **results["models"][m], "metrics": results["metrics"][m][question.id]} for m in ("tuned", "base")
+    ]
+    for n, spec in enumerate(cfg.compare, start=1):
+        model, _, adapter = spec.partition(",")
+        predictor = Predictor.load(model, adapter=adapter or None, device=cfg.device)
+        console.print(f"comparing {predictor.name}: scoring {len(items)} photos")
+        p_ng = score_items(predictor, items, [question], cfg.batch_size, lambda _n: None)[question.id]
+        info = {"name": predictor.name, "model": model, "adapter": adapter or None, "how": "--compare"}
+        rows.append(
+            {
+                "key": f"compare-{n}",
+                **info,
+                "view": model_view(predictor, items),
+                "metrics": score_metrics(p_ng, labels, cfg.threshold, cfg.max_escape),
+                "p_ng": [round(p, 6) for p in p_ng],
+            }
+        )
+        del predictor
+        _free_memory()
+    for row in rows:
+        note = view_warning(row["view"], row["name"])
+        if note:
+            console.print(f"[yellow]warning:[/] {escape(note)}")
+    return rows
 
 
 def score_items(

@@ -43,6 +43,9 @@ class Family:
     """Dynamic-resolution families: image tokens a photo may cost by default (None: fixed by the model)."""
     apply_token_budget: Callable[[Any, int], None] | None = None
     """Sets the processor's resolution so a photo costs at most this many image tokens (dynamic families)."""
+    seen_size: Callable[[Any, int, int], tuple[float, float]] = None  # type: ignore[assignment]
+    """(width, height) a photo of this size takes up in the pixels the vision encoder reads; unset: the
+    processor's square view of the photo padded to a square (LLaVA-1.5, Gemma 3)."""
     fast_paths: bool = False
     """Whether the measured GPU fast paths (compiled layers, CUDA-graph greedy decoder) are on for it."""
     build_tiny: Callable[..., Path] = field(default=None, repr=False)  # type: ignore[assignment]
@@ -74,6 +77,14 @@ class Family:
         leave these quantized."""
         return [f"model.{self.vision}", f"model.{self.projector}", self.vision, self.projector_leaf, "lm_head"]
 
+    def seen(self, processor: Any, width: int, height: int) -> tuple[float, float]:
+        """What a `width` × `height` photo becomes in the encoder's pixels (after any shrink for memory)."""
+        from vlm_inspect.data.images import MODEL_INPUT_MAX_SIDE
+
+        shrink = min(1.0, MODEL_INPUT_MAX_SIDE / max(width, height))
+        width, height = round(width * shrink), round(height * shrink)
+        return (self.seen_size or square_view)(processor, width, height)
+
     def set_resolution(self, processor: Any, image_max_tokens: int | None) -> int | None:
         """Apply image_max_tokens to the processor (dynamic families); the value in force, or None if fixed."""
         if self.apply_token_budget is None:
@@ -81,6 +92,14 @@ class Family:
         tokens = image_max_tokens or self.default_image_max_tokens
         self.apply_token_budget(processor, tokens)
         return tokens
+
+
+def square_view(processor: Any, width: int, height: int) -> tuple[float, float]:
+    """The photo padded to a square and resized to the processor's fixed side (336 px for LLaVA-1.5)."""
+    image_processor = processor.image_processor
+    view = getattr(image_processor, "crop_size", None) or image_processor.size
+    scale = view["height"] / max(width, height)
+    return width * scale, height * scale
 
 
 def read_config(folder: Path) -> dict:

@@ -25,6 +25,21 @@ def set_tile_budget(processor: Any, tokens: int) -> None:
     processor.image_processor.max_patches = max(1, tokens // processor.image_seq_length - 1)
 
 
+def tiled(processor: Any, width: int, height: int) -> tuple[float, float]:
+    """The tile grid the processor picks for the photo's aspect ratio, in pixels (the thumbnail aside)."""
+    try:  # transformers ≥ 5.2x keeps a torchvision-free copy beside the torchvision processor
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+    except ImportError:
+        from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+
+    image_processor = processor.image_processor
+    tile = image_processor.size["height"]
+    columns, rows = get_optimal_tiled_canvas(
+        (height, width), (tile, tile), image_processor.min_patches, image_processor.max_patches
+    )
+    return float(columns * tile), float(rows * tile)
+
+
 def build_tiny(out: str | Path, seed: int = 0) -> Path:
     from transformers import (
         GotOcr2ImageProcessorPil,
@@ -81,5 +96,6 @@ FAMILY = Family(
     projector="multi_modal_projector",
     default_image_max_tokens=1280,
     apply_token_budget=set_tile_budget,
+    seen_size=tiled,
     build_tiny=build_tiny,
 )

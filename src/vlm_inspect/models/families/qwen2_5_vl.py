@@ -27,6 +27,20 @@ def set_token_budget(processor: Any, tokens: int) -> None:
     }
 
 
+def resized(processor: Any, width: int, height: int) -> tuple[float, float]:
+    """The size transformers' smart_resize gives the photo under the processor's pixel bounds."""
+    try:  # transformers ≥ 5.2x keeps a torchvision-free copy beside the torchvision processor
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    image_processor = processor.image_processor
+    size = image_processor.size
+    factor = image_processor.patch_size * image_processor.merge_size
+    new_height, new_width = smart_resize(height, width, factor, size["shortest_edge"], size["longest_edge"])
+    return float(new_width), float(new_height)
+
+
 def build_tiny(out: str | Path, seed: int = 0, vision_patch: int = 14) -> Path:
     from transformers import (
         Qwen2_5_VLConfig,
@@ -102,5 +116,6 @@ FAMILY = Family(
     side_inputs=("mm_token_type_ids",),
     default_image_max_tokens=1280,
     apply_token_budget=set_token_budget,
+    seen_size=resized,
     build_tiny=build_tiny,
 )

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer, vocab_size
-from vlm_inspect.models.families.qwen2_5_vl import IMAGE_PARTS, save, set_token_budget
+from vlm_inspect.models.families.qwen2_5_vl import IMAGE_PARTS, resized, save, set_token_budget
 from vlm_inspect.models.family import Family
 
 
@@ -74,5 +74,6 @@ FAMILY = Family(
     side_inputs=("mm_token_type_ids",),
     default_image_max_tokens=1280,
     apply_token_budget=set_token_budget,
+    seen_size=resized,
     build_tiny=build_tiny,
 )

@@ -236,6 +236,12 @@ class ServeConfig:
     """Longest description, in tokens."""
     device: str = "auto"
     """cpu, cuda, cuda:1 ... or auto."""
+    api_key_file: str | None = None
+    """File holding the API key (safer than api_key, which `ps` shows; or set VLM_INSPECT_API_KEY)."""
+    max_prompt_chars: int = 4000
+    """Most characters of text in one chat conversation; longer ones get 413."""
+    body_timeout_s: float = 30.0
+    """Most seconds a client may take to send a request body; slower ones get 408 and are disconnected."""
 
 
 @dataclass

@@ -132,3 +132,19 @@ def test_predict_overwrites_only_a_predictions_file(tmp_path: Path):
     assert "exists" in file_replace_problems(ours, False, [], ("path,verdict",))[0]
     assert "does not look like" in file_replace_problems(theirs, True, [], ("path,verdict",))[0]
     assert "an input" in file_replace_problems(ours, True, [ours], ("path,verdict",))[0]
+
+
+def test_prepare_and_predict_overwrite_nothing_they_did_not_make(tmp_path: Path, tiny_model_dir: Path):
+    from vlm_inspect.data.synthetic import write_dataset_folders
+
+    photos = write_dataset_folders(tmp_path / "photos", 4, 4, seed=0, size=32)
+    notes = _foreign(tmp_path / "notes")
+    prepared = runner.invoke(app, ["prepare", str(photos), "--out", str(notes), "--overwrite"])
+    assert prepared.exit_code == 1 and "did not make it" in " ".join(prepared.output.split())
+    budget = tmp_path / "budget.csv"
+    budget.write_text("month,spend\n")
+    args = ["predict", str(photos), "--model", str(tiny_model_dir), "--out", str(budget), "--overwrite"]
+    predicted = runner.invoke(app, args)
+    assert predicted.exit_code == 1 and "does not look like" in " ".join(predicted.output.split())
+    assert sorted(p.name for p in notes.iterdir()) == ["thesis.tex"] and budget.read_text() == "month,spend\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["budget.csv", "notes", "photos"]

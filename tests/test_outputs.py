@@ -113,14 +113,24 @@ def test_a_killed_overwrite_leaves_the_old_output_or_the_new(point: str, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
 
 
-def test_a_live_writer_is_not_disturbed(tmp_path: Path):
+def test_a_live_writer_is_not_disturbed_but_a_reused_process_id_is_no_writer(tmp_path: Path):
+    from vlm_inspect.outputs import _started
+
     out = tmp_path / "report"
-    partial = tmp_path / f".report.partial-{os.getppid()}"
-    partial.mkdir()
-    mark(partial, "EvaluateConfig")
-    with pytest.raises(OutputExistsError, match=f"process {os.getppid()} is writing it"):
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        partial = tmp_path / f".report.partial-{writer.pid}"
+        partial.mkdir()
+        (partial / MARKER).write_text(f"EvaluateConfig\n{_started(writer.pid)}\n")
+        with pytest.raises(OutputExistsError, match=f"process {writer.pid} is writing it"):
+            settle_leftovers(out)
+        assert partial.exists()
+        (partial / MARKER).write_text("EvaluateConfig\n1\n")  # left by an earlier process with the same id
         settle_leftovers(out)
-    assert partial.exists()
+        assert not partial.exists()
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_predict_overwrites_only_a_predictions_file(tmp_path: Path):

@@ -37,8 +37,8 @@ _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<what>partial|old)-(?P<pid>\d+)$")
 
 
 def mark(folder: Path, kind: str) -> None:
-    """Write the marker that says vlm-inspect made `folder` (and which verb)."""
-    (folder / MARKER).write_text(f"{kind}\n", encoding="utf-8")
+    """Write the marker that says vlm-inspect made `folder`: the verb, and when this process started."""
+    (folder / MARKER).write_text(f"{kind}\n{_started(os.getpid())}\n", encoding="utf-8")
 
 
 def is_ours(folder: Path) -> bool:
@@ -147,16 +147,30 @@ def _first_line(path: Path) -> str:
 # ------------------------------------------------------------------ leftovers of interrupted runs
 
 
-def _alive(pid: int) -> bool:
+def _started(pid: int) -> str:
+    """When process `pid` started, in clock ticks since boot (Linux); '' where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22 of stat, counted after the command name
+
+
+def _writer_alive(folder: Path, pid: int) -> bool:
+    """Whether the process that left `folder` still runs (not merely another process that got its id)."""
     if pid == os.getpid():
-        return True
+        return False  # this process is not writing it: it is settling leftovers first
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        recorded = (folder / MARKER).read_text(encoding="utf-8").splitlines()[1]
+    except (OSError, IndexError, UnicodeDecodeError):
         return True
-    return True
+    return not recorded or recorded == _started(pid)
 
 
 def leftovers(out: Path) -> list[tuple[Path, str, int]]:
@@ -180,7 +194,7 @@ def settle_leftovers(out: Path) -> list[str]:
     """
     done = []
     for path, what, pid in sorted(leftovers(out), key=lambda item: item[1]):  # "old" before "partial"
-        if _alive(pid) and pid != os.getpid():
+        if _writer_alive(path, pid):
             raise OutputExistsError(f"{out}: process {pid} is writing it ({path.name}); wait for it or stop it")
         if not is_ours(path):
             raise OutputExistsError(

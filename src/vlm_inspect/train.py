@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vlm_inspect.config import TrainConfig, require, save_config
 from vlm_inspect.errors import ConfigError, OutputExistsError, VlmInspectError
+from vlm_inspect.outputs import check_inputs_exist, check_replaceable, is_ours, remove_tree, set_aside, settle_leftovers
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 PROJECTOR = "multi_modal_projector"
@@ -86,14 +87,6 @@ def prepare_run_folder(cfg: TrainConfig, run: Path) -> Path | None:
 
     Returns the previous run set aside by --overwrite (`.RUN.old-PID`), to delete once the new one is done.
     """
-    from vlm_inspect.outputs import (
-        check_inputs_exist,
-        check_replaceable,
-        is_ours,
-        set_aside,
-        settle_leftovers,
-    )
-
     check_inputs_exist({"model": cfg.model, "data": cfg.data})
     for line in settle_leftovers(run):
         print(line, flush=True)
@@ -124,8 +117,6 @@ def prepare_run_folder(cfg: TrainConfig, run: Path) -> Path | None:
 def finish_replacing(run: Path, previous: Path | None) -> Path:
     """Delete the run that --overwrite set aside, now that its replacement is complete."""
     if previous is not None:
-        from vlm_inspect.outputs import remove_tree
-
         remove_tree(previous)
     return run
 

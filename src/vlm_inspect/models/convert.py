@@ -232,7 +232,7 @@ def convert_llava(llava_dir: Path, clip_dir: Path, out: Path, cfg: ConvertConfig
     image_id, pad_id = _add_llava_tokens(tokenizer)
     rows = math.ceil(len(tokenizer) / ROW_MULTIPLE) * ROW_MULTIPLE
     config = _llava_config(original, vision, rows, image_id, pad_id)
-    with staged_folder(out, cfg.overwrite) as tmp:
+    with staged_folder(out, cfg.overwrite, (cfg.llava, cfg.vision_tower, cfg.llava_lora, cfg.base)) as tmp:
         with torch.device("meta"):
             model = LlavaForConditionalGeneration(config)
         state, dropped = _converted_state(llava_dir, clip_dir, model, n_original_tokens)
@@ -507,7 +507,7 @@ def convert_llava_lora(lora_dir: Path, base_dir: Path, out: Path, cfg: ConvertCo
         bias="none",
         base_model_name_or_path=str(base_dir),
     )
-    with staged_folder(out, cfg.overwrite) as tmp:
+    with staged_folder(out, cfg.overwrite, (cfg.llava, cfg.vision_tower, cfg.llava_lora, cfg.base)) as tmp:
         lora_config.save_pretrained(tmp)
         save_file({**tensors, **projector}, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         save_config(cfg, tmp)

@@ -221,7 +221,7 @@ class ServeConfig:
     port: int = 8000
     """TCP port."""
     api_key: str | None = None
-    """When set, every API route needs `Authorization: Bearer KEY`."""
+    """When set, every API route needs `Authorization: Bearer KEY` (`ps` shows it: prefer api_key_file)."""
     threshold: float = 0.5
     """p(NG) at or above which a photo is NG."""
     max_batch: int = 8

@@ -5,6 +5,7 @@ streaming or not), `GET /v1/models`, `GET /healthz`, and `GET /`, the operator p
 worker serves them all (see batcher.py). The server binds 127.0.0.1 unless told otherwise, checks an
 API key in constant time, decodes every upload to prove it is an image, never opens a path or URL a
 client names, and answers every error as JSON `{"error": {"message", "type"}}` without a traceback.
+Every request is bounded in bytes, text and time, and work for clients that left is dropped (limits.py).
 
 Run as: vlm-inspect serve --model M [--adapter A] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 """

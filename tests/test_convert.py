@@ -331,6 +331,9 @@ def test_output_and_setting_rules(tmp_path: Path, originals):
     with pytest.raises(OutputExistsError, match="already exists"):
         convert(ConvertConfig(llava=str(llava), vision_tower=str(clip), out=str(out)))
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    with pytest.raises(OutputExistsError, match="did not make it"):  # --overwrite replaces only our folders
+        convert(ConvertConfig(llava=str(llava), vision_tower=str(clip), out=str(out), overwrite=True))
+    (out / "config.yaml").write_text("kind: ConvertConfig\n")  # as an earlier convert leaves it
     convert(ConvertConfig(llava=str(llava), vision_tower=str(clip), out=str(out), overwrite=True))
     assert not (out / "mine.txt").exists() and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

@@ -17,6 +17,7 @@ def test_demo_fast_runs_prepare_train_evaluate(tmp_path: Path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--fast", "--out", str(out)])
     assert result.exit_code == 0, result.output
+    assert " ".join(result.output.split()).count("ROC AUC") == 1  # the results table once, from evaluate
     results = json.loads((out / "report" / "results.json").read_text())
     assert results["data"]["n_images"] == FAST.test_ok + FAST.test_ng
     assert set(results["metrics"]) == {"base", "tuned"}
@@ -59,3 +60,11 @@ def test_tower_patch_targets_move_with_the_photo():
     # torch.roll moves the photo the same way np.roll moves the coverage: down and right for positive shifts
     photo = torch.from_numpy(mark)[None]
     assert torch.equal(torch.roll(photo, (16, 0), dims=(1, 2))[0], torch.from_numpy(np.roll(mark, (16, 0), (0, 1))))
+
+
+def test_demo_summary_adds_times_not_a_second_results_table(tmp_path: Path, capsys: pytest.CaptureFixture):
+    from vlm_inspect.demo import _print_summary
+
+    _print_summary(tmp_path, {"photos": 1.0, "evaluate": 2.0})  # evaluate has printed the results table
+    out = capsys.readouterr().out
+    assert "total" in out and "ROC AUC" not in out and "accuracy" not in out

@@ -66,6 +66,7 @@ def test_existing_report_folder_is_refused_without_overwrite(tmp_path: Path, spo
     out = tmp_path / "report"
     out.mkdir()
     (out / "results.json").write_text("{}")
+    (out / "config.yaml").write_text("kind: EvaluateConfig\n")
     cfg = cfg_for(model="m", adapter="a", data=str(spot_dataset), out=str(out))
     with pytest.raises(OutputExistsError, match="--overwrite"):
         ev.validate(cfg)

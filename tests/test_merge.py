@@ -242,3 +242,30 @@ def test_qlora_adapter_merges_onto_the_unquantized_base_on_gpu(tmp_path: Path, t
     with torch.no_grad():
         a, b = merged(**inputs).logits.float(), unquantized(**inputs).logits.float()
     assert (a - b).abs().max() <= 0.1 * max(1.0, b.abs().max().item())
+
+
+_KILLED_AT_THE_CHECK = r"""
+import os, signal, sys
+import vlm_inspect.merge as m
+from vlm_inspect.config import MergeConfig
+m._compare = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # dies after saving, before the logit check ends
+m.merge(MergeConfig(model=sys.argv[1], adapter=sys.argv[2], out=sys.argv[3], dtype="fp32"))
+"""
+
+
+def test_a_merge_killed_before_its_check_leaves_no_loadable_model_at_out(
+    tmp_path: Path, tiny_model_dir: Path, run: Path
+):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "merged"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", _KILLED_AT_THE_CHECK, str(tiny_model_dir), str(run), str(out)]
+    assert subprocess.run(command, env=env, check=False).returncode == -9
+    assert not out.exists()
+    (partial,) = tmp_path.iterdir()  # the unverified weights sit in a hidden sibling only
+    assert partial.name.startswith(".merged.partial-") and (partial / "model.safetensors").exists()
+    merge(MergeConfig(model=str(tiny_model_dir), adapter=str(run), out=str(out), dtype="fp32"))
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # the next merge cleaned up after the killed one

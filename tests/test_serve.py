@@ -98,7 +98,8 @@ def chat_body(text: str = "Is it OK?", image: bytes | None = None, **extra) -> d
 
 def make_client(predictor=None, **settings) -> TestClient:
     cfg = ServeConfig(model="unused", **settings)
-    return TestClient(create_app(predictor or FakePredictor(), cfg), raise_server_exceptions=False)
+    app = create_app(predictor or FakePredictor(), cfg)
+    return TestClient(app, raise_server_exceptions=False, base_url=f"http://127.0.0.1:{cfg.port}")
 
 
 def assert_error(response, status: int, words: str = "") -> dict:

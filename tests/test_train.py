@@ -268,3 +268,12 @@ def test_tensorboard_only_when_asked(tiny_model_dir: Path, spot_dataset: Path, t
     run_cli("--out", str(tmp_path / "plain"), *common)
     assert not (tmp_path / "plain" / "tensorboard").exists()
     assert (tmp_path / "plain" / "metrics.jsonl").exists()
+
+
+def test_console_shows_the_progress_bar_not_raw_log_dicts(
+    tmp_path: Path, tiny_model_dir: Path, spot_dataset: Path, capfd: pytest.CaptureFixture
+):
+    train(TrainConfig(model=str(tiny_model_dir), data=str(spot_dataset), out=str(tmp_path / "run"), min_steps=3))
+    printed = "".join(capfd.readouterr())
+    assert "{'loss'" not in printed and "'grad_norm'" not in printed
+    assert len(read_metrics(tmp_path / "run")) >= 3  # the rows are still kept

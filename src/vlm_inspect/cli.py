@@ -272,7 +272,16 @@ def serve(
     adapter: Annotated[Optional[Path], typer.Option(help="Adapter or run folder.")] = None,
     host: Annotated[Optional[str], typer.Option(help="Address to bind.")] = None,
     port: Annotated[Optional[int], typer.Option(help="TCP port.")] = None,
-    api_key: Annotated[Optional[str], typer.Option(help="Require this bearer token.")] = None,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Require this bearer token. Other users see it in `ps`: prefer --api-key-file or the "
+            "VLM_INSPECT_API_KEY environment variable.",
+            envvar="VLM_INSPECT_API_KEY",
+            show_envvar=True,
+        ),
+    ] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="File holding the bearer token.")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="p(NG) threshold.")] = None,
     max_batch: Annotated[Optional[int], typer.Option(help="Most requests per forward pass.")] = None,
     image_max_tokens: ImageTokensOpt = None,
@@ -291,6 +300,7 @@ def serve(
             host=host,
             port=port,
             api_key=api_key,
+            api_key_file=_s(api_key_file),
             threshold=threshold,
             max_batch=max_batch,
             device=device,

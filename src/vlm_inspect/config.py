@@ -229,7 +229,7 @@ class ServeConfig:
     port: int = 8000
     """TCP port."""
     api_key: str | None = None
-    """When set, every API route needs `Authorization: Bearer KEY`."""
+    """When set, every API route needs `Authorization: Bearer KEY` (`ps` shows it: prefer api_key_file)."""
     threshold: float = 0.5
     """p(NG) at or above which a photo is NG."""
     max_batch: int = 8
@@ -250,6 +250,12 @@ class ServeConfig:
     """Station folder: record every inspection (photo, verdict, model) there; adds history and review to the page."""
     db: str | None = None
     """Database URL for the station record instead of DIR/station.db, e.g. postgresql+psycopg://user@host/db."""
+    api_key_file: str | None = None
+    """File holding the API key (safer than api_key, which `ps` shows; or set VLM_INSPECT_API_KEY)."""
+    max_prompt_chars: int = 4000
+    """Most characters of text in one chat conversation; longer ones get 413."""
+    body_timeout_s: float = 30.0
+    """Most seconds a client may take to send a request body; slower ones get 408 and are disconnected."""
 
 
 @dataclass

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlm_inspect.config import DemoConfig, EvaluateConfig, PrepareConfig, TrainConfig, save_config
-from vlm_inspect.errors import OutputExistsError
+from vlm_inspect.outputs import check_replaceable, remove_tree, set_aside, settle_leftovers
 
 if TYPE_CHECKING:
     import torch  # imported where used: `vlm-inspect --help` stays fast
@@ -121,7 +121,8 @@ def demo(cfg: DemoConfig) -> Path:
     from vlm_inspect.train import train
 
     size = FAST if cfg.fast else FULL
-    out = _fresh_folder(Path(cfg.out), cfg.overwrite)
+    out = Path(cfg.out)
+    previous = _fresh_folder(out, cfg.overwrite)
     save_config(cfg, out)
     times: dict[str, float] = {}
     clock = time.perf_counter()
@@ -190,6 +191,8 @@ def demo(cfg: DemoConfig) -> Path:
         )
     )
     lap("evaluate")
+    if previous is not None:
+        remove_tree(previous)  # the demo it replaces goes only now that this one is complete
     _print_summary(report, times)
     return report
 
@@ -309,28 +312,19 @@ def _patch_targets(marks: list[np.ndarray | None], vision_config: Any, dy: int =
     return targets
 
 
-def _fresh_folder(out: Path, overwrite: bool) -> Path:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(f"{out}: exists and is not empty; pass --overwrite or pick another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def _fresh_folder(out: Path, overwrite: bool) -> Path | None:
+    """An empty, marked `out`; a previous demo there is set aside (returned) until this one completes."""
+    check_replaceable(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for line in settle_leftovers(out):
+        console.print(line, markup=False)
+    previous = set_aside(out) if out.exists() and any(out.iterdir()) else None
+    out.mkdir(exist_ok=True)
+    return previous
 
 
 def _print_summary(report: Path, times: dict[str, float]) -> None:
-    results = json.loads((report / "results.json").read_text(encoding="utf-8"))
-    default = next(q["id"] for q in results["questions"] if q.get("default"))
-    table = Table(title="Held-out photos, default question")
-    table.add_column("metric")
-    for name in ("base", "tuned"):
-        table.add_column(name, justify="right")
-    for key in ("accuracy", "balanced_accuracy", "escape_rate", "overkill_rate"):
-        cells = [_percent(results["metrics"][m][default][key]["value"]) for m in ("base", "tuned")]
-        table.add_row(key.replace("_", " "), *cells)
-    auc = [results["metrics"][m][default]["auc"]["value"] for m in ("base", "tuned")]
-    table.add_row("ROC AUC", *(f"{a:.3f}" if a is not None else "-" for a in auc))
-    console.print(table)
+    """Time per stage and where the report is; `evaluate` has just printed the results table."""
     timing = Table(title="Time")
     timing.add_column("stage")
     timing.add_column("seconds", justify="right")
@@ -339,7 +333,3 @@ def _print_summary(report: Path, times: dict[str, float]) -> None:
     timing.add_row("total", f"{sum(times.values()):.0f}")
     console.print(timing)
     console.print(f"report: [bold]{report / 'report.html'}[/]")
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"

@@ -71,7 +71,7 @@ def merge(cfg: MergeConfig) -> Path:
     device = resolve_device("auto")
     # fp32 on CPU: fp16 matmuls are missing or slow there, and the merge itself loses nothing.
     work_dtype = torch.float32 if device.type == "cpu" else DTYPES[cfg.dtype]
-    with staged_folder(cfg.out, cfg.overwrite) as tmp:
+    with staged_folder(cfg.out, cfg.overwrite, (cfg.model, cfg.adapter), kind="MergeConfig") as tmp:
         processor = load_processor(cfg.model, run_config.get("image_max_tokens"))
         probes = probe_inputs(run_config, processor)
         batch = _batch(processor, probes)

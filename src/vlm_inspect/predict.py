@@ -39,6 +39,7 @@ from vlm_inspect.models.fast_paths import (
     compile_slots,
     compiled_modules,
 )
+from vlm_inspect.outputs import file_replace_problems
 
 VERDICTS = ("OK", "NG")
 
@@ -314,8 +315,7 @@ def validate(cfg: PredictConfig) -> None:
         problems.append("batch_size and max_new_tokens must be at least 1")
     if Path(cfg.out).suffix not in (".jsonl", ".csv"):
         problems.append(f"out: {cfg.out} must end in .jsonl or .csv")
-    if Path(cfg.out).exists() and not cfg.overwrite:
-        problems.append(f"out: {cfg.out} exists; pass --overwrite to replace it")
+    problems += file_replace_problems(cfg.out, cfg.overwrite, cfg.paths, ('{"path"', "path,verdict"))
     if problems:
         raise ConfigError(problems)
 

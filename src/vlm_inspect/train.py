@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from importlib import resources
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from vlm_inspect.config import TrainConfig, require, save_config
 from vlm_inspect.errors import ConfigError, OutputExistsError, VlmInspectError
+from vlm_inspect.outputs import check_inputs_exist, check_replaceable, is_ours, remove_tree, set_aside, settle_leftovers
 from vlm_inspect.plan import ADAPTER_DIR, CHECKPOINTS, FULL_MODEL_DIR, make_plan
 
 
@@ -63,14 +63,13 @@ def train(cfg: TrainConfig) -> Path:
     resolve_image_budget(cfg)
     run = Path(cfg.out)
     if cfg.distributed and "LOCAL_RANK" not in os.environ:
-        prepare_run_folder(cfg, run)
-        return launch_distributed(cfg, run)
+        previous = prepare_run_folder(cfg, run)
+        return finish_replacing(launch_distributed(cfg, run), previous)
     select_gpus(cfg.gpus)  # before anything asks CUDA about devices
     if cfg.method == "qlora" and not _cuda_available():
         raise ConfigError(["method: qlora needs a CUDA GPU (bitsandbytes 4-bit); use method=lora on this machine"])
-    if "LOCAL_RANK" not in os.environ:
-        prepare_run_folder(cfg, run)
-    return _train_in_process(cfg, run)
+    previous = prepare_run_folder(cfg, run) if "LOCAL_RANK" not in os.environ else None
+    return finish_replacing(_train_in_process(cfg, run), previous)
 
 
 def resolve_image_budget(cfg: TrainConfig) -> None:
@@ -88,20 +87,43 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def prepare_run_folder(cfg: TrainConfig, run: Path) -> None:
-    """Refuse to clobber a finished or interrupted run unless told; write the resolved config."""
+def prepare_run_folder(cfg: TrainConfig, run: Path) -> Path | None:
+    """Check the inputs, then refuse to clobber a run unless told; write the resolved config.
+
+    Returns the previous run set aside by --overwrite (`.RUN.old-PID`), to delete once the new one is done.
+    """
+    check_inputs_exist({"model": cfg.model, "data": cfg.data})
+    for line in settle_leftovers(run):
+        print(line, flush=True)
+    if cfg.resume and run.exists() and any(run.iterdir()):
+        from vlm_inspect.resume import check_resume
+
+        check_resume(cfg, run)  # the saved config.yaml stays as the run started
+        return None
     finished = (run / ADAPTER_DIR).exists() or (run / FULL_MODEL_DIR).exists()
     started = run.exists() and any(run.iterdir())
+    previous = None
     if started and cfg.overwrite:
-        shutil.rmtree(run)
-    elif finished and not cfg.overwrite:
+        check_replaceable(run, True, [cfg.model, cfg.data])
+        previous = set_aside(run)
+    elif finished:
         raise OutputExistsError(f"{run}: holds a finished run; pass --overwrite to replace it or pick another --out")
-    elif started and not cfg.resume and (run / CHECKPOINTS).exists():
+    elif started and ((run / CHECKPOINTS).exists() or is_ours(run)):
         raise OutputExistsError(f"{run}: holds an unfinished run; pass --resume to continue it or --overwrite")
-    elif started and not cfg.resume and not (run / "config.yaml").exists():
+    elif started:
         raise OutputExistsError(f"{run}: exists and is not empty; pick another --out or pass --overwrite")
+    elif cfg.resume:
+        raise OutputExistsError(f"{run}: no run to resume here; drop --resume to start one")
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run)
+    return previous
+
+
+def finish_replacing(run: Path, previous: Path | None) -> Path:
+    """Delete the run that --overwrite set aside, now that its replacement is complete."""
+    if previous is not None:
+        remove_tree(previous)
+    return run
 
 
 def select_gpus(gpus: str | None) -> None:
@@ -140,7 +162,9 @@ def launch_distributed(cfg: TrainConfig, run: Path) -> Path:
     cmd += ["--num_processes", str(processes), "--main_process_port", str(_free_port())]
     if cuda:  # on CPU the same config runs N gloo processes through torchrun
         cmd += ["--gpu_ids", ",".join(gpu_ids)]
-    cmd += ["-m", "vlm_inspect.train", str(run / "config.yaml")]
+    # A resume keeps the run's config.yaml as it started; the settings it may change travel in a file of their own.
+    settings = save_config(cfg, run, ".resume-config.yaml") if cfg.resume else run / "config.yaml"
+    cmd += ["-m", "vlm_inspect.train", str(settings)]
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled" if cfg.report_to != "wandb" else "")}
     result = subprocess.run(cmd, env=env, check=False)
     if result.returncode != 0:

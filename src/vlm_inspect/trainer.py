@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 from vlm_inspect.config import TrainConfig
 from vlm_inspect.data.dataset import IGNORE_INDEX
@@ -26,6 +26,7 @@ from vlm_inspect.models.family import LORA_TARGETS, Family, family_of_model
 from vlm_inspect.models.fast_paths import compile_slots
 from vlm_inspect.models.load import folder_family, load_model
 from vlm_inspect.plan import ADAPTER_DIR, CHECKPOINTS, COMPLETE_MARKER, FULL_MODEL_DIR, Plan, lr_factor
+from vlm_inspect.resume import CompleteThenRotate
 
 console = Console()
 # Grow CUDA memory segments instead of adding fixed blocks: less fragmentation, so the memory plan holds.
@@ -346,6 +347,8 @@ class InspectTrainer(Trainer):
         # layers would recompile them.
         self.model_accepts_loss_kwargs = False
         self._flop_weights: int | None = None
+        self.remove_callback(ProgressCallback)
+        self.add_callback(QuietProgress())
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """The stock estimate (6 × input tokens × non-embedding weights), with the weight count taken once.
@@ -486,14 +489,12 @@ class AugmentationEpoch(TrainerCallback):
         self.dataset.epoch = state.global_step // per_epoch
 
 
-class MarkCheckpointComplete(TrainerCallback):
-    """A marker file written after every piece of a checkpoint is on disk."""
+class QuietProgress(ProgressCallback):
+    """The progress bar without the raw log dict the stock one prints under it at every log step
+    (the rows are in metrics.jsonl)."""
 
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                (folder / COMPLETE_MARKER).write_text(str(state.global_step))
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        return
 
 
 def latest_complete_checkpoint(run: Path) -> Path | None:
@@ -540,7 +541,7 @@ def build_trainer(
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=plan.save_steps,
-        save_total_limit=cfg.save_total_limit,
+        save_total_limit=None,  # CompleteThenRotate deletes old checkpoints only once the new one is complete
         bf16=on_gpu and dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
@@ -564,7 +565,7 @@ def build_trainer(
         callbacks=[
             MetricsFile(run / "metrics.jsonl"),
             AugmentationEpoch(dataset),
-            MarkCheckpointComplete(),
+            CompleteThenRotate(cfg.save_total_limit),
             FreezeLongLivedObjects(),
         ],
         projector_lr=cfg.projector_lr,

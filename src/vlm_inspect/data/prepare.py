@@ -20,7 +20,6 @@ import hashlib
 import json
 import random
 import re
-import secrets
 import shutil
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -41,7 +40,8 @@ from vlm_inspect.data.labelled import LabeledImage, Skipped
 from vlm_inspect.data.llava_json import IMAGE_TOKEN, read_llava_json
 from vlm_inspect.data.prompts import Prompts, load_prompts, location_word, parse_verdict
 from vlm_inspect.data.safe_read import outside_reason, show_path
-from vlm_inspect.errors import ConfigError, DataError, OutputExistsError
+from vlm_inspect.errors import ConfigError, DataError
+from vlm_inspect.outputs import check_replaceable, staged_output
 
 FEW_VAL_IMAGES = 30
 """Below this many validation images prepare prints the statistical caveat."""
@@ -202,8 +202,7 @@ def _overlap_problems(cfg: PrepareConfig) -> list[str]:
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out}: folder exists and is not empty; use --overwrite to replace it")
+    check_replaceable(out, overwrite)  # before any photo is read: a refusal comes at once
 
 
 def _product_word(cfg: PrepareConfig, prompts: Prompts) -> str:
@@ -214,29 +213,8 @@ def _product_word(cfg: PrepareConfig, prompts: Prompts) -> str:
 
 def _build_then_move(out: Path, build: Callable[[Path], None]) -> None:
     """Build in a hidden sibling, then rename into place; an error or interrupt removes the partial build."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    with staged_output(out, True, "PrepareConfig") as tmp:  # _refuse_existing checked --overwrite
         build(tmp)
-        _replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_folder(new: Path, out: Path) -> None:
-    if not out.exists():
-        new.rename(out)
-        return
-    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-    out.rename(old)
-    try:
-        new.rename(out)
-    except OSError:
-        old.rename(out)
-        raise
-    shutil.rmtree(old)
 
 
 # ---------------------------------------------------------------- conversations

@@ -15,8 +15,6 @@ import datetime as dt
 import gc
 import io
 import json
-import os
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +28,12 @@ from rich.table import Table
 
 import vlm_inspect
 from vlm_inspect.config import EvaluateConfig, require, save_config
-from vlm_inspect.errors import ConfigError, DataError, OutputExistsError
+from vlm_inspect.errors import ConfigError, DataError
 from vlm_inspect.evaluate.metrics import score_metrics, verdicts
 from vlm_inspect.evaluate.report import fmt_interval, fmt_pct, write_report
 from vlm_inspect.evaluate.views import model_view
 from vlm_inspect.evaluate.views import warning as view_warning
+from vlm_inspect.outputs import check_replaceable, staged_output
 
 RESULTS_VERSION = 1
 RESULTS_NAME = "results.json"
@@ -141,9 +140,7 @@ def validate(cfg: EvaluateConfig) -> None:
         problems.append(f"questions: {cfg.questions} is not a file")
     if problems:
         raise ConfigError(problems)
-    out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise OutputExistsError(f"{out}: exists; pass --overwrite to replace it")
+    check_replaceable(cfg.out, cfg.overwrite, (cfg.model, cfg.adapter, cfg.base, cfg.data, cfg.questions))
 
 
 # ---------------------------------------------------------------- data
@@ -564,33 +561,12 @@ def read_loss_rows(path: Path) -> list[dict]:
 
 def write_outputs(cfg: EvaluateConfig, results: dict) -> Path:
     """results.json, then report.html from it, then config.yaml; built in a temporary sibling and renamed."""
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    inputs = (cfg.model, cfg.adapter, cfg.base, cfg.data, cfg.questions)
+    with staged_output(cfg.out, cfg.overwrite, "EvaluateConfig", inputs) as tmp:
         (tmp / RESULTS_NAME).write_text(json.dumps(results, indent=1, ensure_ascii=False, allow_nan=False), "utf-8")
         write_report(tmp / RESULTS_NAME, tmp / REPORT_NAME)
         save_config(cfg, tmp)
-        replace_folder(tmp, out, cfg.overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def replace_folder(new: Path, out: Path, overwrite: bool) -> None:
-    """Move `new` to `out`; an existing `out` is moved aside first and removed only after."""
-    if out.exists():
-        if not overwrite and (not out.is_dir() or any(out.iterdir())):
-            raise OutputExistsError(f"{out}: appeared while evaluating; pass --overwrite to replace it")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(new, out)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-        return
-    os.replace(new, out)
+    return Path(cfg.out)
 
 
 def print_summary(results: dict, out: Path) -> None:

@@ -19,8 +19,6 @@ import json
 import math
 import pickle
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,10 +41,11 @@ from transformers import (
 )
 
 from vlm_inspect.config import ConvertConfig, require, save_config
-from vlm_inspect.errors import ConfigError, ModelFolderError, OutputExistsError
+from vlm_inspect.errors import ConfigError, ModelFolderError
 from vlm_inspect.models.load import check_model_folder
 from vlm_inspect.models.template import LLAVA_CHAT_TEMPLATE
 from vlm_inspect.models.tiny import IMAGE_TOKEN, PAD_TOKEN
+from vlm_inspect.outputs import staged_output
 
 # Shard size of written models; llava-hf/llava-1.5-7b-hf uses 5 GB shards too.
 SHARD_SIZE = "5GB"
@@ -122,32 +121,16 @@ def _check_settings(cfg: ConvertConfig) -> None:
 
 
 @contextmanager
-def staged_folder(out: str | Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary sibling `OUT.tmp-xxxx` to write into, renamed to `out` only if the block succeeds.
+def staged_folder(
+    out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = (), kind: str = "ConvertConfig"
+) -> Iterator[Path]:
+    """A temporary sibling to write into, renamed to `out` only if the block succeeds (see outputs.py).
 
     An interrupted or failed run leaves no folder named `out`; an existing `out` is replaced only
-    with `overwrite`, and only once the new one is complete.
+    with `overwrite`, only if vlm-inspect made it, and only once the new one is complete.
     """
-    out = Path(out)
-    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
-        raise OutputExistsError(f"{out}: already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_output(out, overwrite, kind, inputs) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(tmp.name.replace(".tmp-", ".old-"))
-        out.rename(old)
-        tmp.rename(out)
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    else:
-        tmp.rename(out)
 
 
 # ------------------------------------------------------------------ reading tensors
@@ -249,7 +232,7 @@ def convert_llava(llava_dir: Path, clip_dir: Path, out: Path, cfg: ConvertConfig
     image_id, pad_id = _add_llava_tokens(tokenizer)
     rows = math.ceil(len(tokenizer) / ROW_MULTIPLE) * ROW_MULTIPLE
     config = _llava_config(original, vision, rows, image_id, pad_id)
-    with staged_folder(out, cfg.overwrite) as tmp:
+    with staged_folder(out, cfg.overwrite, (cfg.llava, cfg.vision_tower, cfg.llava_lora, cfg.base)) as tmp:
         with torch.device("meta"):
             model = LlavaForConditionalGeneration(config)
         state, dropped = _converted_state(llava_dir, clip_dir, model, n_original_tokens)
@@ -524,7 +507,7 @@ def convert_llava_lora(lora_dir: Path, base_dir: Path, out: Path, cfg: ConvertCo
         bias="none",
         base_model_name_or_path=str(base_dir),
     )
-    with staged_folder(out, cfg.overwrite) as tmp:
+    with staged_folder(out, cfg.overwrite, (cfg.llava, cfg.vision_tower, cfg.llava_lora, cfg.base)) as tmp:
         lora_config.save_pretrained(tmp)
         save_file({**tensors, **projector}, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         save_config(cfg, tmp)

@@ -5,6 +5,7 @@ streaming or not), `GET /v1/models`, `GET /healthz`, and `GET /`, the operator p
 worker serves them all (see batcher.py). The server binds 127.0.0.1 unless told otherwise, checks an
 API key in constant time, decodes every upload to prove it is an image, never opens a path or URL a
 client names, and answers every error as JSON `{"error": {"message", "type"}}` without a traceback.
+Every request is bounded in bytes, text and time, and work for clients that left is dropped (limits.py).
 
 Run as: vlm-inspect serve --model M [--adapter A] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 """
@@ -14,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hmac
 import ipaddress
 import json
+import os
 import socket
 import sys
 import time
@@ -41,12 +44,24 @@ try:
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError as err:  # the `serve` extra is optional
     raise VlmInspectError(
         f"`vlm-inspect serve` needs FastAPI and uvicorn ({err.name} is not installed): pip install 'vlm-inspect[serve]'"
     ) from None
 
 from vlm_inspect.serve.batcher import Batcher, QueueFull
+from vlm_inspect.serve.limits import (
+    BodyDeadline,
+    ClientGone,
+    HostCheck,
+    NoSniff,
+    RequestRefused,
+    check_prompt_length,
+    log_client_gone,
+    resolve_api_key,
+    until_client_leaves,
+)
 from vlm_inspect.serve.station_routes import Recorder, station_router
 
 STATIC = Path(__file__).parent / "static"
@@ -64,8 +79,10 @@ _ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "timeout_error",
     413: "request_too_large",
     415: "unsupported_media_type",
+    421: "invalid_request_error",
     422: "invalid_request_error",
     500: "server_error",
     503: "overloaded_error",
@@ -167,6 +184,10 @@ def create_app(predictor: Any, cfg: ServeConfig) -> FastAPI:
     app = FastAPI(title="vlm-inspect", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     max_upload = int(cfg.max_upload_mb * 1024 * 1024)
     app.add_middleware(_BodyLimit, max_bytes=max_upload * 4 // 3 + _BODY_SLACK_BYTES)
+    app.add_middleware(BodyDeadline, timeout_s=cfg.body_timeout_s)
+    if _is_loopback(cfg.host):
+        app.add_middleware(HostCheck, port=cfg.port, respond=_error_response)
+    app.add_middleware(NoSniff)
     _add_error_handlers(app)
     _add_api_routes(app, predictor, cfg, max_upload, recorder)
     _add_page_routes(app)
@@ -198,10 +219,11 @@ def _add_api_routes(app: FastAPI, predictor: Any, cfg: ServeConfig, max_upload: 
         threshold = cfg.threshold if threshold is None else threshold
         image = await _decode(data, "upload", decode_slots)
         batcher: Batcher = request.app.state.batcher
-        p_ng = await batcher.score(image)
+        p_ng = await until_client_leaves(request, batcher.score(image))
         answer: dict[str, Any] = {"verdict": "NG" if p_ng >= threshold else "OK", "p_ng": p_ng, "threshold": threshold}
         if describe:
-            texts = await batcher.call(lambda: predictor.describe([image], max_new_tokens=cfg.max_new_tokens))
+            work = batcher.call(lambda: predictor.describe([image], max_new_tokens=cfg.max_new_tokens))
+            texts = await until_client_leaves(request, work)
             answer["description"] = texts[0]
         answer["model"] = predictor.name
         answer["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
@@ -212,14 +234,18 @@ def _add_api_routes(app: FastAPI, predictor: Any, cfg: ServeConfig, max_upload: 
     async def chat(request: Request) -> Any:
         started = time.perf_counter()
         req = _validate(_ChatRequest, await _read_json(request))
+        check_prompt_length(req.messages, cfg.max_prompt_chars)
         data, prompt = _conversation(req.messages, predictor, max_upload)
         image = await _decode(data, "image_url", decode_slots)
         max_new = min(req.max_completion_tokens or req.max_tokens or cfg.max_new_tokens, cfg.max_new_tokens)
         batcher: Batcher = request.app.state.batcher
         if req.stream:
             pieces = batcher.stream(lambda: predictor.stream(image, prompt, max_new, req.temperature))
-            return await _stream_response(recorder.streamed(pieces, data, image), predictor.name)
-        texts = await batcher.call(lambda: predictor.generate([image], [prompt], max_new, req.temperature))
+            return await until_client_leaves(
+                request, _stream_response(recorder.streamed(pieces, data, image), predictor.name)
+            )
+        work = batcher.call(lambda: predictor.generate([image], [prompt], max_new, req.temperature))
+        texts = await until_client_leaves(request, work)
         await recorder.chatted(data, image, texts[0], started)
         return _completion(texts[0], predictor.name)
 
@@ -497,8 +523,10 @@ async def _stream_response(pieces: AsyncGenerator[str, None], model: str) -> Str
 
 def _status_of(err: Exception) -> tuple[int, str]:
     """HTTP status and client-safe message for an exception; unexpected ones say nothing inside."""
-    if isinstance(err, ApiError):
+    if isinstance(err, (ApiError, RequestRefused)):
         return err.status, err.message
+    if isinstance(err, (ClientGone, ClientDisconnect)):
+        return 499, "the client closed the connection"
     if isinstance(err, QueueFull):
         return 503, f"the server is busy ({err}); retry in {RETRY_AFTER_S} s"
     if isinstance(err, asyncio.TimeoutError):  # the builtin TimeoutError from Python 3.11 on
@@ -512,18 +540,23 @@ def _status_of(err: Exception) -> tuple[int, str]:
 
 def _error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error")}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers={**(headers or {}), "X-Content-Type-Options": "nosniff"})
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    async def handle(_request: Request, err: Exception) -> JSONResponse:
+    async def handle(request: Request, err: Exception) -> JSONResponse:
         status, message = _status_of(err)
-        headers = dict(err.headers or {}) if isinstance(err, (ApiError, HTTPException)) else {}
+        if status == 499:  # one log line, not a traceback: nobody is left to read the answer
+            log_client_gone(
+                request.url.path, "mid-upload" if isinstance(err, ClientDisconnect) else "before its answer"
+            )
+        headers = dict(err.headers or {}) if isinstance(err, (ApiError, RequestRefused, HTTPException)) else {}
         if status == 503:
             headers["Retry-After"] = str(RETRY_AFTER_S)
         return _error_response(status, message, headers or None)
 
-    for kind in (ApiError, QueueFull, asyncio.TimeoutError, _BodyTooLarge, HTTPException, Exception):
+    kinds = (ApiError, RequestRefused, ClientGone, ClientDisconnect, QueueFull, asyncio.TimeoutError, _BodyTooLarge)
+    for kind in (*kinds, HTTPException, Exception):
         app.add_exception_handler(kind, handle)
 
 
@@ -540,7 +573,9 @@ def check_serve_config(cfg: ServeConfig) -> None:
     for name in ("max_batch", "max_queue", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name}: {getattr(cfg, name)} must be at least 1")
-    for name in ("max_upload_mb", "request_timeout_s"):
+    if cfg.max_prompt_chars < 1:
+        problems.append(f"max_prompt_chars: {cfg.max_prompt_chars} must be at least 1")
+    for name in ("max_upload_mb", "request_timeout_s", "body_timeout_s"):
         if getattr(cfg, name) <= 0:
             problems.append(f"{name}: {getattr(cfg, name)} must be more than 0")
     if cfg.api_key is not None and not cfg.api_key.strip():
@@ -562,6 +597,7 @@ def serve(cfg: ServeConfig) -> None:
     from vlm_inspect.predict import Predictor
 
     check_serve_config(cfg)
+    cfg = dataclasses.replace(cfg, api_key=resolve_api_key(cfg.api_key, cfg.api_key_file, dict(os.environ)))
     sock = _bind(cfg.host, cfg.port)
     try:
         predictor = Predictor.load(

@@ -43,6 +43,9 @@ GBK_NAME = os.fsdecode("坏图".encode("gbk")) + ".png"  # not UTF-8: surrogate-
 # ---------------------------------------------------------------- building hostile files
 
 
+LOOPBACK = "http://127.0.0.1:8000"  # serve answers only loopback Host names on a loopback bind
+
+
 def png_bytes(width: int, height: int, bit_depth: int = 8, colour_type: int = 2, row: bytes | None = None) -> bytes:
     """A PNG written by hand, its rows compressed as a stream, so a huge image stays a small file."""
 
@@ -537,7 +540,7 @@ def client(predictor: Any) -> Iterator[Any]:
     from vlm_inspect.serve.app import create_app
 
     cfg = ServeConfig(model="tiny", max_batch=2, max_queue=64, request_timeout_s=60)
-    with TestClient(create_app(predictor, cfg), raise_server_exceptions=False) as test_client:
+    with TestClient(create_app(predictor, cfg), raise_server_exceptions=False, base_url=LOOPBACK) as test_client:
         yield test_client
 
 

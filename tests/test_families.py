@@ -21,6 +21,8 @@ from typer.testing import CliRunner
 from vlm_inspect.cli import app
 from vlm_inspect.models.family import all_families
 
+LOOPBACK = "http://127.0.0.1:8000"  # serve answers only loopback Host names on a loopback bind
+
 pytestmark = pytest.mark.integration
 FAMILIES = [f.name for f in all_families()]
 # Small LoRA, high learning rates and a small image-token budget: seconds per run on a CPU.
@@ -135,7 +137,9 @@ def test_predict_evaluate_and_serve_answer(family_run, spot_dataset: Path, tmp_p
     photo = (spot_dataset / "images" / "001.png").read_bytes()
     uri = "data:image/png;base64," + base64.b64encode(photo).decode()
     chat = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}]}]}
-    with TestClient(create_app(Predictor.load(model, run, device="cpu"), ServeConfig(model=str(model)))) as client:
+    with TestClient(
+        create_app(Predictor.load(model, run, device="cpu"), ServeConfig(model=str(model))), base_url=LOOPBACK
+    ) as client:
         answer = client.post("/v1/inspect", files={"file": ("a.png", photo, "image/png")}).json()
         assert answer["verdict"] in ("OK", "NG") and 0 <= answer["p_ng"] <= 1
         reply = client.post("/v1/chat/completions", json={**chat, "max_tokens": 4})

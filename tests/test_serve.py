@@ -28,6 +28,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from conftest import CHROMIUM, CHROMIUM_FLAGS  # noqa: E402
 from vlm_inspect.config import ServeConfig  # noqa: E402
 from vlm_inspect.errors import ConfigError  # noqa: E402
+from vlm_inspect.models.template import render_prompt  # noqa: E402
 from vlm_inspect.serve.app import check_serve_config, create_app  # noqa: E402
 
 KEY = "s3cret-key"
@@ -63,6 +64,9 @@ class FakePredictor:
     def describe(self, images, question=None, max_new_tokens=64, batch_size=8):
         self._enter()
         return [f"a {img.width}x{img.height} photo" for img in images]
+
+    def prompt(self, question, history=None):
+        return render_prompt(question, history)
 
     def generate(self, images, prompts, max_new_tokens=64, temperature=0.0):
         self._enter()

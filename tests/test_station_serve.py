@@ -36,13 +36,15 @@ from vlm_inspect.station.history import HistoryFilter, all_records  # noqa: E402
 from vlm_inspect.station.label import label_app, queue_photos  # noqa: E402
 from vlm_inspect.station.store import open_store  # noqa: E402
 
+LOOPBACK = "http://127.0.0.1:8000"  # serve answers only loopback Host names on a loopback bind
+
 SCREENS_ENV = "VLM_INSPECT_SCREENS"
 """A folder to copy the browser test's screenshots into (for the README and notes)."""
 
 
 def station_client(station: Path, **settings) -> TestClient:
     cfg = ServeConfig(model="unused", station=str(station), **settings)
-    return TestClient(create_app(FakePredictor(), cfg), raise_server_exceptions=False)
+    return TestClient(create_app(FakePredictor(), cfg), raise_server_exceptions=False, base_url=LOOPBACK)
 
 
 def inspect(client: TestClient, shade: int, headers: dict | None = None, name: str = "p.png") -> dict:
@@ -105,7 +107,7 @@ def test_station_routes_need_the_api_key_and_need_a_station(tmp_path: Path):
         review = {"verdict": "OK", "operator": "ann"}
         assert client.post(f"/v1/station/records/{rid}/reviews", json=review).status_code == 401
         assert client.get("/history").status_code == 200  # the page itself holds no data
-    plain = TestClient(create_app(FakePredictor(), ServeConfig(model="unused")))
+    plain = TestClient(create_app(FakePredictor(), ServeConfig(model="unused")), base_url=LOOPBACK)
     with plain:
         missing = plain.get("/v1/station/records")
         assert missing.status_code == 404 and "--station" in missing.json()["error"]["message"]
@@ -131,7 +133,7 @@ def test_label_app_queues_a_folder_once(tmp_path: Path):
     store = open_store(tmp_path / "st")
     assert queue_photos(store, photos) == (3, 3)
     assert queue_photos(store, photos) == (0, 3)  # a second start adds nothing
-    with TestClient(label_app(store, None)) as client:
+    with TestClient(label_app(store, None), base_url=LOOPBACK) as client:
         assert client.get("/", follow_redirects=False).headers["location"] == "/history?label=1"
         queue = client.get("/v1/station/queue").json()
         assert queue["left"] == 3
@@ -193,10 +195,12 @@ def assert_prepare_reads_top_left(photos: Path, dataset: Path) -> None:
 
 
 @contextmanager
-def running(app) -> Iterator[str]:
+def running(make_app) -> Iterator[str]:
+    """A real server on a free loopback port; `make_app(port)` builds the app (its Host check names the port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    app = make_app(port)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -238,8 +242,11 @@ def test_station_page_in_headless_chromium(tmp_path: Path):
         path.write_bytes(photo(shade, size=(480, 360), spot=spot))
         uploads.append(str(path))
     station = tmp_path / "station"
-    app = create_app(FakePredictor(), ServeConfig(model="unused", station=str(station), api_key=KEY))
-    with running(app) as url, sync_api.sync_playwright() as pw:
+
+    def make_app(port: int):
+        return create_app(FakePredictor(), ServeConfig(model="unused", station=str(station), api_key=KEY, port=port))
+
+    with running(make_app) as url, sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -312,7 +319,7 @@ def label_with_touch(browser, tmp_path: Path) -> None:
         (fresh / f"new-{i}.png").write_bytes(photo(225, size=(480, 360), spot=spot))
     store = open_store(tmp_path / "label-station")
     queue_photos(store, fresh)
-    with running(label_app(store, None)) as url:
+    with running(lambda port: label_app(store, None, port=port)) as url:
         context = browser.new_context(viewport={"width": 1280, "height": 900}, has_touch=True)
         page = context.new_page()
         page.goto(url + "/")

@@ -123,6 +123,10 @@ class Predictor:
         question = default_question(settings["language"], settings["product"])
         return cls(net.eval(), processor, name, adapter is not None, settings["image_aspect"], question)
 
+    def prompt(self, question: str, history: list[tuple[str, str]] | None = None) -> str:
+        """`question` (after earlier turns) in this model's chat format, ready for `generate` or `stream`."""
+        return render_prompt(self.processor, question, history)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -34,7 +34,6 @@ from PIL import Image
 from vlm_inspect.config import ServeConfig, require
 from vlm_inspect.data.images import load_image
 from vlm_inspect.errors import ConfigError, DataError, VlmInspectError
-from vlm_inspect.models.chat import prompt as render_prompt
 
 try:
     import uvicorn
@@ -185,10 +184,7 @@ def create_app(predictor: Any, cfg: ServeConfig) -> FastAPI:
     max_upload = int(cfg.max_upload_mb * 1024 * 1024)
     app.add_middleware(_BodyLimit, max_bytes=max_upload * 4 // 3 + _BODY_SLACK_BYTES)
     app.add_middleware(BodyDeadline, timeout_s=cfg.body_timeout_s)
-    if _is_loopback(cfg.host):
-        app.add_middleware(HostCheck, port=cfg.port, respond=_error_response)
-    app.add_middleware(NoSniff)
-    _add_error_handlers(app)
+    guard(app, cfg.host, cfg.port)
     _add_api_routes(app, predictor, cfg, max_upload, recorder)
     _add_page_routes(app)
     app.include_router(station_router(recorder.store, [Depends(_key_checker(cfg.api_key))], _page_file))
@@ -445,7 +441,7 @@ def _conversation(messages: list[_Message], predictor: Any, max_upload: int) -> 
     questions, answers = said[0::2], said[1::2]
     questions[0] = questions[0] or predictor.default_question
     history = list(zip(questions[:-1], answers, strict=True))
-    prompt = render_prompt(predictor.processor, questions[-1], history=history)
+    prompt = predictor.prompt(questions[-1], history)
     data = _image_url_bytes(images[0])
     _check_size(data, max_upload)
     return data, prompt
@@ -541,6 +537,15 @@ def _status_of(err: Exception) -> tuple[int, str]:
 def _error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error")}}
     return JSONResponse(body, status_code=status, headers={**(headers or {}), "X-Content-Type-Options": "nosniff"})
+
+
+def guard(app: FastAPI, host: str, port: int) -> None:
+    """What every app of ours gets: loopback Host names only on a loopback bind (DNS rebinding), `nosniff`
+    on every response, and errors as JSON."""
+    if _is_loopback(host):
+        app.add_middleware(HostCheck, port=port, respond=_error_response)
+    app.add_middleware(NoSniff)
+    _add_error_handlers(app)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

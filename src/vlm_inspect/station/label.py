@@ -35,7 +35,7 @@ def label(cfg: LabelConfig) -> Path:
     try:
         added, total = queue_photos(store, Path(cfg.photos))
         console.print(f"{added} new photo(s) queued for labelling ({total} in {cfg.photos})")
-        app = label_app(store, cfg.api_key)
+        app = label_app(store, cfg.api_key, cfg.host, cfg.port)
         console.print(
             f"labeller at http://{cfg.host}:{cfg.port}/  (export: vlm-inspect export --station {cfg.station})"
         )
@@ -82,7 +82,7 @@ def queue_photos(store: StationStore, folder: Path) -> tuple[int, int]:
     return added, len(photos)
 
 
-def label_app(store: StationStore, api_key: str | None):  # -> FastAPI
+def label_app(store: StationStore, api_key: str | None, host: str = "127.0.0.1", port: int = 8000):  # -> FastAPI
     """The labeller: the station routes and the page, without a model."""
     from fastapi import Depends, FastAPI
     from fastapi.responses import RedirectResponse
@@ -91,7 +91,7 @@ def label_app(store: StationStore, api_key: str | None):  # -> FastAPI
     from vlm_inspect.serve.station_routes import station_router
 
     app = FastAPI(title="vlm-inspect label", docs_url=None, redoc_url=None, openapi_url=None)
-    serving._add_error_handlers(app)
+    serving.guard(app, host, port)
     app.include_router(station_router(store, [Depends(serving._key_checker(api_key))], serving._page_file))
 
     @app.get("/", include_in_schema=False)

@@ -29,6 +29,7 @@ err_console = Console(stderr=True)
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file of settings (see the list below).")]
 OverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="Replace existing output.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... or auto.")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(help="auto, bf16, fp16, fp32, or fp8 (FP8 language model).")]
 
 
 def _run(fn: Callable[[], Any]) -> Any:
@@ -189,6 +190,7 @@ def predict(
     batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass.")] = None,
     question: Annotated[Optional[str], typer.Option(help="Question to ask.")] = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     overwrite: OverwriteOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -208,6 +210,7 @@ def predict(
             batch_size=batch_size,
             question=question,
             device=device,
+            precision=precision,
             overwrite=overwrite,
         )
     )
@@ -227,6 +230,7 @@ def evaluate(
     batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass.")] = None,
     gallery_size: Annotated[Optional[int], typer.Option(help="Most images shown with answers.")] = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     overwrite: OverwriteOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -248,6 +252,7 @@ def evaluate(
             batch_size=batch_size,
             gallery_size=gallery_size,
             device=device,
+            precision=precision,
             overwrite=overwrite,
         )
     )
@@ -264,6 +269,7 @@ def serve(
     threshold: Annotated[Optional[float], typer.Option(help="p(NG) threshold.")] = None,
     max_batch: Annotated[Optional[int], typer.Option(help="Most requests per forward pass.")] = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Serve the model: REST inspection, OpenAI-compatible chat, operator web page."""
@@ -279,6 +285,7 @@ def serve(
             threshold=threshold,
             max_batch=max_batch,
             device=device,
+            precision=precision,
         )
     )
 

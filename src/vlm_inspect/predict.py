@@ -90,6 +90,7 @@ class Predictor:
     ) -> Predictor:
         """Load weights once; with an adapter, `adapter_disabled()` gives the base on the same weights."""
         from vlm_inspect.models.adapter import attach_adapter
+        from vlm_inspect.models.fp8 import to_fp8
         from vlm_inspect.models.load import load_model, load_processor
 
         processor = load_processor(model)
@@ -98,6 +99,8 @@ class Predictor:
         if adapter is not None:
             net = attach_adapter(net, adapter)
             name = f"{name} + {Path(adapter).name}"
+        if dtype == "fp8":
+            to_fp8(net)
         settings = run_settings(adapter)
         question = default_question(settings["language"], settings["product"])
         return cls(net.eval(), processor, name, adapter is not None, settings["image_aspect"], question)
@@ -560,7 +563,7 @@ def predict(cfg: PredictConfig) -> Path:
     paths = find_images(cfg.paths)
     if not paths:
         raise DataError(f"no images found under {', '.join(cfg.paths)}")
-    predictor = Predictor.load(cfg.model, cfg.adapter, device=cfg.device)
+    predictor = Predictor.load(cfg.model, cfg.adapter, device=cfg.device, dtype=cfg.precision)
     rows: list[dict] = []
     with Progress() as progress:
         task = progress.add_task("inspecting", total=len(paths))

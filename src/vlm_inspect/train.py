@@ -52,6 +52,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"gpus: {cfg.gpus!r} is not a comma-separated list of GPU ids like 0,2")
     if cfg.train_vision_tower and cfg.method != "full":
         problems.append("train_vision_tower needs method=full")
+    if cfg.precision == "fp8" and cfg.method != "lora":
+        problems.append(f"precision: fp8 keeps a frozen base in FP8 under LoRA; it needs method=lora, not {cfg.method}")
     if cfg.resume and cfg.overwrite:
         problems.append("resume and overwrite contradict each other; pick one")
     if problems:

@@ -22,6 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from vlm_inspect.config import TrainConfig
 from vlm_inspect.data.dataset import IGNORE_INDEX
 from vlm_inspect.errors import ConfigError, VlmInspectError
+from vlm_inspect.models.fp8 import to_fp8
 from vlm_inspect.models.load import load_model
 from vlm_inspect.predict import compile_slots
 from vlm_inspect.train import (
@@ -69,6 +70,8 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> t
         model = apply_lora(model, cfg)
         if cfg.method == "qlora":
             keep_adapter_in(model, dtype)
+    if cfg.precision == "fp8":
+        to_fp8(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model, trainable
 

@@ -331,17 +331,17 @@ def model_sessions(cfg: EvaluateConfig) -> Iterator[tuple[str, Any, dict]]:
     from vlm_inspect.predict import Predictor
 
     if cfg.adapter:
-        predictor = Predictor.load(cfg.model, adapter=cfg.adapter, device=cfg.device)
+        predictor = Predictor.load(cfg.model, adapter=cfg.adapter, device=cfg.device, dtype=cfg.precision)
         yield "tuned", predictor, {"model": cfg.model, "adapter": cfg.adapter, "how": "model + adapter"}
         with predictor.adapter_disabled():
             info = {"model": cfg.model, "adapter": None, "how": "same weights, adapter switched off"}
             yield "base", predictor, {"name": Path(cfg.model).name, **info}
         return
-    tuned = Predictor.load(cfg.model, device=cfg.device)
+    tuned = Predictor.load(cfg.model, device=cfg.device, dtype=cfg.precision)
     yield "tuned", tuned, {"model": cfg.model, "adapter": None, "how": "merged model folder"}
     del tuned
     _free_memory()
-    base = Predictor.load(cfg.base, device=cfg.device)
+    base = Predictor.load(cfg.base, device=cfg.device, dtype=cfg.precision)
     yield "base", base, {"model": cfg.base, "adapter": None, "how": "separate base folder (--base)"}
 
 

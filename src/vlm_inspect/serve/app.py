@@ -549,7 +549,7 @@ def serve(cfg: ServeConfig) -> None:
     check_serve_config(cfg)
     sock = _bind(cfg.host, cfg.port)
     try:
-        predictor = Predictor.load(cfg.model, adapter=cfg.adapter, device=cfg.device)
+        predictor = Predictor.load(cfg.model, adapter=cfg.adapter, device=cfg.device, dtype=cfg.precision)
         if predictor.device.type == "cuda":
             print("vlm-inspect serve: compiling for the GPU before the first request (1–3 minutes)", flush=True)
         predictor.warm_up(cfg.max_batch, cfg.max_new_tokens)

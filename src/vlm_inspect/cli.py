@@ -37,6 +37,7 @@ StationOpt = Annotated[Optional[Path], typer.Option(help="Station folder: record
 DbOpt = Annotated[
     Optional[str], typer.Option(help="Database URL instead of DIR/station.db (postgresql+psycopg://...).")
 ]
+PrecisionOpt = Annotated[Optional[str], typer.Option(help="auto, bf16, fp16, fp32, or fp8 (FP8 language model).")]
 
 
 def _run(fn: Callable[[], Any]) -> Any:
@@ -198,6 +199,7 @@ def predict(
     question: Annotated[Optional[str], typer.Option(help="Question to ask.")] = None,
     image_max_tokens: ImageTokensOpt = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     overwrite: OverwriteOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -218,6 +220,7 @@ def predict(
             question=question,
             device=device,
             image_max_tokens=image_max_tokens,
+            precision=precision,
             overwrite=overwrite,
         )
     )
@@ -238,6 +241,7 @@ def evaluate(
     gallery_size: Annotated[Optional[int], typer.Option(help="Most images shown with answers.")] = None,
     image_max_tokens: ImageTokensOpt = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     overwrite: OverwriteOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -260,6 +264,7 @@ def evaluate(
             gallery_size=gallery_size,
             device=device,
             image_max_tokens=image_max_tokens,
+            precision=precision,
             overwrite=overwrite,
         )
     )
@@ -288,6 +293,7 @@ def serve(
     device: DeviceOpt = None,
     station: StationOpt = None,
     db: DbOpt = None,
+    precision: PrecisionOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Serve the model: REST inspection, OpenAI-compatible chat, operator web page."""
@@ -307,6 +313,7 @@ def serve(
             image_max_tokens=image_max_tokens,
             station=_s(station),
             db=db,
+            precision=precision,
         )
     )
 

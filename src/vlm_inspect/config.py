@@ -102,8 +102,9 @@ class TrainConfig:
     """Recompute activations to save memory; unset recomputes as few layers as the GPU memory needs."""
     compile: bool | None = None
     """torch.compile the language-model layers; unset: on for CUDA GPUs (one process, ddp, zero2, fsdp), off on CPU and under zero3."""
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Compute precision; auto is bf16 on a GPU that has it, fp32 on CPU."""
+    precision: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = "auto"
+    """Compute precision; auto is bf16 on a GPU that has it, fp32 on CPU. fp8: the frozen language-model
+    linears stored and run in FP8 (the rest bf16), LoRA only, on GPUs of compute capability 8.9+."""
     seed: int = 0
     """Seed for initialisation, shuffling and augmentation."""
     gpus: str | None = None
@@ -182,6 +183,9 @@ class PredictConfig:
     """cpu, cuda, cuda:1 ... or auto."""
     overwrite: bool = False
     """Replace an existing output file."""
+    precision: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = "auto"
+    """Weights' precision; auto is bf16 on a GPU that has it, fp32 on CPU. fp8: the language-model
+    linears stored and run in FP8 (the rest bf16), on GPUs of compute capability 8.9+."""
 
 
 @dataclass
@@ -216,6 +220,9 @@ class EvaluateConfig:
     """cpu, cuda, cuda:1 ... or auto."""
     overwrite: bool = False
     """Replace an existing report folder."""
+    precision: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = "auto"
+    """Weights' precision; auto is bf16 on a GPU that has it, fp32 on CPU. fp8: the language-model
+    linears stored and run in FP8 (the rest bf16), on GPUs of compute capability 8.9+."""
 
 
 @dataclass
@@ -256,6 +263,9 @@ class ServeConfig:
     """Most characters of text in one chat conversation; longer ones get 413."""
     body_timeout_s: float = 30.0
     """Most seconds a client may take to send a request body; slower ones get 408 and are disconnected."""
+    precision: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = "auto"
+    """Weights' precision; auto is bf16 on a GPU that has it, fp32 on CPU. fp8: the language-model
+    linears stored and run in FP8 (the rest bf16), on GPUs of compute capability 8.9+."""
 
 
 @dataclass

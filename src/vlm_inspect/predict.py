@@ -111,6 +111,7 @@ class Predictor:
         The image-token budget is `image_max_tokens`, else the run's (an adapter's `config.yaml`), else the
         folder's own (a merged model's processor keeps its run's), else the family's default."""
         from vlm_inspect.models.adapter import attach_adapter
+        from vlm_inspect.models.fp8 import to_fp8
         from vlm_inspect.models.load import load_model, load_processor
 
         settings = run_settings(adapter, model)
@@ -120,6 +121,8 @@ class Predictor:
         if adapter is not None:
             net = attach_adapter(net, adapter)
             name = f"{name} + {Path(adapter).name}"
+        if dtype == "fp8":
+            to_fp8(net)
         question = default_question(settings["language"], settings["product"])
         return cls(net.eval(), processor, name, adapter is not None, settings["image_aspect"], question)
 
@@ -334,7 +337,9 @@ def predict(cfg: PredictConfig) -> Path:
     paths = find_images(cfg.paths)
     if not paths:
         raise DataError(f"no images found under {', '.join(map(show_path, cfg.paths))}")
-    predictor = Predictor.load(cfg.model, cfg.adapter, device=cfg.device, image_max_tokens=cfg.image_max_tokens)
+    predictor = Predictor.load(
+        cfg.model, cfg.adapter, device=cfg.device, dtype=cfg.precision, image_max_tokens=cfg.image_max_tokens
+    )
     rows: list[dict] = []
     with Progress() as progress:
         task = progress.add_task("inspecting", total=len(paths))

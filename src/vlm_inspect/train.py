@@ -47,6 +47,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("train_vision_tower needs method=full")
     if cfg.image_max_tokens is not None and cfg.image_max_tokens < 16:
         problems.append(f"image_max_tokens: {cfg.image_max_tokens} is below 16; a photo would be a few pixels")
+    if cfg.precision == "fp8" and cfg.method != "lora":
+        problems.append(f"precision: fp8 keeps a frozen base in FP8 under LoRA; it needs method=lora, not {cfg.method}")
     if cfg.resume and cfg.overwrite:
         problems.append("resume and overwrite contradict each other; pick one")
     if problems:

@@ -24,6 +24,7 @@ from vlm_inspect.data.dataset import IGNORE_INDEX
 from vlm_inspect.errors import ConfigError, VlmInspectError
 from vlm_inspect.models.family import LORA_TARGETS, Family, family_of_model
 from vlm_inspect.models.fast_paths import compile_slots
+from vlm_inspect.models.fp8 import to_fp8
 from vlm_inspect.models.load import folder_family, load_model
 from vlm_inspect.plan import ADAPTER_DIR, CHECKPOINTS, COMPLETE_MARKER, FULL_MODEL_DIR, Plan, lr_factor
 from vlm_inspect.resume import CompleteThenRotate
@@ -59,6 +60,8 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> t
         model = apply_lora(model, cfg)
         if cfg.method == "qlora":
             keep_adapter_in(model, dtype)
+    if cfg.precision == "fp8":
+        to_fp8(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model, trainable
 

@@ -334,18 +334,18 @@ def model_sessions(cfg: EvaluateConfig) -> Iterator[tuple[str, Any, dict]]:
 
     if cfg.adapter:
         predictor = Predictor.load(
-            cfg.model, adapter=cfg.adapter, device=cfg.device, image_max_tokens=cfg.image_max_tokens
+            cfg.model, cfg.adapter, cfg.device, dtype=cfg.precision, image_max_tokens=cfg.image_max_tokens
         )
         yield "tuned", predictor, {"model": cfg.model, "adapter": cfg.adapter, "how": "model + adapter"}
         with predictor.adapter_disabled():
             info = {"model": cfg.model, "adapter": None, "how": "same weights, adapter switched off"}
             yield "base", predictor, {"name": Path(cfg.model).name, **info}
         return
-    tuned = Predictor.load(cfg.model, device=cfg.device, image_max_tokens=cfg.image_max_tokens)
+    tuned = Predictor.load(cfg.model, device=cfg.device, dtype=cfg.precision, image_max_tokens=cfg.image_max_tokens)
     yield "tuned", tuned, {"model": cfg.model, "adapter": None, "how": "merged model folder"}
     del tuned
     _free_memory()
-    base = Predictor.load(cfg.base, device=cfg.device)
+    base = Predictor.load(cfg.base, device=cfg.device, dtype=cfg.precision)
     yield "base", base, {"model": cfg.base, "adapter": None, "how": "separate base folder (--base)"}
 
 

@@ -16,6 +16,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlm_inspect.errors import ModelFolderError
 from vlm_inspect.models.family import Family, family_of, read_config
+from vlm_inspect.models.fp8 import resolve_compute_dtype
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
@@ -30,7 +31,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """'auto' is bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on CPU."""
+    """'auto' is bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on CPU; 'fp8' is bf16 around FP8
+    language-model weights (models/fp8.py), refused where the device has no FP8."""
+    if precision == "fp8":
+        return resolve_compute_dtype(device)
     if precision != "auto":
         return DTYPES[precision]
     if device.type == "cuda":

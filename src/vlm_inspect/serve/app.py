@@ -606,7 +606,7 @@ def serve(cfg: ServeConfig) -> None:
     sock = _bind(cfg.host, cfg.port)
     try:
         predictor = Predictor.load(
-            cfg.model, adapter=cfg.adapter, device=cfg.device, image_max_tokens=cfg.image_max_tokens
+            cfg.model, cfg.adapter, cfg.device, dtype=cfg.precision, image_max_tokens=cfg.image_max_tokens
         )
         if predictor.device.type == "cuda":
             print("vlm-inspect serve: compiling for the GPU before the first request (1–3 minutes)", flush=True)

@@ -238,6 +238,9 @@ def evaluate(
     max_escape: Annotated[Optional[float], typer.Option(help="Highest escape rate allowed.")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="p(NG) threshold of the main table.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass.")] = None,
+    compare: Annotated[
+        Optional[list[str]], typer.Option(help="Another tuned model side by side: MODEL or MODEL,ADAPTER (repeatable).")
+    ] = None,
     gallery_size: Annotated[Optional[int], typer.Option(help="Most images shown with answers.")] = None,
     image_max_tokens: ImageTokensOpt = None,
     device: DeviceOpt = None,
@@ -261,6 +264,7 @@ def evaluate(
             max_escape=max_escape,
             threshold=threshold,
             batch_size=batch_size,
+            compare=compare or None,
             gallery_size=gallery_size,
             device=device,
             image_max_tokens=image_max_tokens,

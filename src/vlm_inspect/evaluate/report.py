@@ -96,7 +96,11 @@ def report_context(results: dict) -> dict:
         "caveats": small_set_caveats(results["data"]["n_ok"], results["data"]["n_ng"]),
         "gallery": gallery_rows(images, main["id"], threshold),
         "comparison": results.get("comparison", []),
-        "view_warnings": [w for row in results.get("comparison", []) if (w := view_warning(row["view"], row["name"]))],
+        "view_warnings": [
+            w
+            for row in results.get("comparison", [])
+            if row["key"] != "base" and (w := view_warning(row["view"], row["name"]))
+        ],
     }
 
 

@@ -415,7 +415,7 @@ def compare_models(cfg: EvaluateConfig, items: list[Item], question: Question, r
         )
         del predictor
         _free_memory()
-    for row in rows:
+    for row in rows[:1] + rows[2:]:  # the base sees what the tuned model sees
         note = view_warning(row["view"], row["name"])
         if note:
             console.print(f"[yellow]warning:[/] {escape(note)}")

@@ -57,7 +57,7 @@ def model_view(predictor: Any, items: Sequence[Any]) -> dict:
         "defects": rows,
         "n_boxes": len(rows),
         "n_below_patch": sum(r["below_patch"] for r in rows),
-        "median_seen_px": statistics.median(max(r["seen_px"]) for r in rows) if rows else None,
+        "median_seen_px": round(statistics.median(max(r["seen_px"]) for r in rows), 1) if rows else None,
         "smallest": min(rows, key=lambda r: max(r["seen_px"])) if rows else None,
         "reason": None if rows else "no NG photo with a defect box or mask to measure",
     }

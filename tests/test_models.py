@@ -78,3 +78,25 @@ def test_loader_errors_name_the_problem(tmp_path: Path, tiny_model_dir: Path):
     (adapter / "adapter_config.json").write_text("{}")
     with pytest.raises(ModelFolderError, match="adapter"):
         load_model(adapter)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3"])
+def test_a_processor_that_drops_a_side_input_is_refused(name: str, tmp_path: Path):
+    """Without Qwen2.5-VL's mm_token_type_ids or Gemma 3's token_type_ids the logits change silently: refuse."""
+    from vlm_inspect.models.family import family_named
+    from vlm_inspect.predict import Predictor
+
+    family = family_named(name)
+    predictor = Predictor.load(family.build_tiny(tmp_path / name), device="cpu")
+    photo = Image.new("RGB", (64, 48), "white")
+    assert len(predictor.score([photo], "Is it OK?")) == 1
+    real = predictor.processor.__call__
+
+    def dropping(*args, **kwargs):
+        out = real(*args, **kwargs)
+        del out[family.side_inputs[0]]
+        return out
+
+    predictor.processor.__class__ = type("Dropping", (type(predictor.processor),), {"__call__": staticmethod(dropping)})
+    with pytest.raises(ModelFolderError, match=family.side_inputs[0]):
+        predictor.score([photo], "Is it OK?")

@@ -162,6 +162,7 @@ class Predictor:
         on_gpu = self.device.type == "cuda" and _resizes_with_torch(self.processor.image_processor)
         extra = {"device": self.device} if on_gpu else {}
         inputs = self.processor(images=squared, text=list(prompts), return_tensors="pt", padding=True, **extra)
+        self.family.check_side_inputs(self.model, inputs, self.name)
         dtype = next(self.model.parameters()).dtype
         return {k: (v.to(self.device, dtype) if k == "pixel_values" else v.to(self.device)) for k, v in inputs.items()}
 

@@ -216,6 +216,7 @@ def _train_in_process(cfg: TrainConfig, run: Path) -> Path:
         augment=cfg.augment,
         seed=cfg.seed,
     )
+    folder_family(cfg.model).check_side_inputs(model, dataset[0], cfg.model)
     batch_size, checkpointing = choose_batch_size(cfg, model, dataset, device)
     plan = make_plan(cfg, len(dataset), state.num_processes, batch_size)
     if state.is_main_process:

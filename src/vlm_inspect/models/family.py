@@ -6,6 +6,7 @@ lives in `models/families/<name>.py` beside the recipe of its tiny test model.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,8 +54,19 @@ class Family:
 
     @property
     def projector_leaf(self) -> str:
-        """The projector's last name: what PEFT's modules_to_save and the optimizer groups match on."""
+        """The projector's last name (a short skip pattern for bitsandbytes)."""
         return self.projector.rsplit(".", 1)[-1]
+
+    def check_side_inputs(self, model: Any, inputs: Any, where: Any) -> None:
+        """Raise if the processor left out a per-token input this model's forward takes: without it the
+        logits change with no error (M-RoPE positions, Gemma 3's image mask)."""
+        accepted = inspect.signature(self.inner(model).forward).parameters
+        missing = [name for name in self.side_inputs if name in accepted and name not in inputs]
+        if missing:
+            raise ModelFolderError(
+                f"{where}: the processor gave no {', '.join(missing)}, which {self.name} needs for correct "
+                "outputs; is the folder's processor_config.json from another model?"
+            )
 
     def inner(self, model: Any) -> Any:
         """The model under the LM head (`model.model`), through a PEFT wrapper if there is one."""

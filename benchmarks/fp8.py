@@ -40,8 +40,8 @@ from vlm_inspect.config import TrainConfig  # noqa: E402
 from vlm_inspect.models import fp8 as fp8_module  # noqa: E402
 from vlm_inspect.models.fp8 import Fp8Linear, dequantize, quantize_rows, to_fp8  # noqa: E402
 from vlm_inspect.models.template import render_prompt  # noqa: E402
+from vlm_inspect.plan import Plan  # noqa: E402
 from vlm_inspect.predict import Predictor  # noqa: E402
-from vlm_inspect.train import Plan  # noqa: E402
 
 CARD = 23.6 - 0.5  # a 24 GB card less the CUDA context, as gpu.py's 24 GB plan
 TARGETS = {  # the targets for the FP8 rows: (rate at least, peak GiB at most)

@@ -16,6 +16,14 @@ Run on the GPU machine (the package need not be installed):
     PYTHONPATH=src python benchmarks/gpu.py --only infer,qlora --out benchmarks/results/h100-infer.json
 On CPU, `--tiny` runs every row on a small model of the same structure (numbers mean nothing) to check
 the script before spending GPU time.
+
+`--family qwen2_5_vl` measures Qwen2.5-VL-7B's shape instead (issue 18): random bf16 weights from a
+`Qwen2_5_VLConfig` with the 7B sizes, the tiny ChatML tokenizer and the Qwen2.5-VL processor, 1120 × 896
+photos at each `--image-tokens` budget (the product's `image_max_tokens`), ~64 supervised answer tokens. Rows
+per budget: LoRA at the 24 GB plan (ours; plain and peer at the batch it chose), OK/NG score at batch 32,
+describe 48 tokens at batch 1 and 8; then LoRA with compiled layers, then the peer describe rows (each
+compiles generate for its batch size):
+    PYTHONPATH=src python benchmarks/gpu.py --family qwen2_5_vl --image-tokens 1280,576 --out q.json
 """
 
 from __future__ import annotations
@@ -48,11 +56,14 @@ from transformers import (
 
 from vlm_inspect import trainer as trainer_module
 from vlm_inspect.config import TrainConfig
-from vlm_inspect.data.dataset import Collator, load_training_dataset, square_image, tokenize_conversation
-from vlm_inspect.models.template import IMAGE, render_prompt
+from vlm_inspect.data.dataset import Collator, load_training_dataset, square_image
+from vlm_inspect.models.chat import IMAGE, conversation
+from vlm_inspect.models.chat import prompt as chat_prompt
+from vlm_inspect.models.family import LORA_TARGETS, family_named
+from vlm_inspect.models.fast_paths import compile_slots, compiled_modules
 from vlm_inspect.models.tiny import build_processor, build_tokenizer
-from vlm_inspect.predict import Predictor, compile_slots, compiled_modules
-from vlm_inspect.train import LORA_TARGETS, PROJECTOR, Plan
+from vlm_inspect.plan import Plan
+from vlm_inspect.predict import Predictor
 
 SHAPES = {
     "7b": {
@@ -64,6 +75,50 @@ SHAPES = {
         "text": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
     },
 }
+# Qwen2.5-VL-7B's sizes (its config.json), and a tiny model of the same structure for --tiny.
+QWEN_SHAPES = {
+    "7b": {
+        "vision": dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=3584,
+            fullatt_block_indexes=[7, 15, 23, 31],
+            window_size=112,
+        ),
+        "text": dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+        ),
+    },
+    "tiny": {
+        "vision": dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            out_hidden_size=128,
+            fullatt_block_indexes=[1],
+            window_size=112,
+        ),
+        "text": dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1000000.0},
+        ),
+    },
+}
+QWEN_PHOTO = (1120, 896)  # 40 × 32 tokens of 28 px: 1,280 image tokens at the default budget
+QWEN_ANSWER_TOKENS = 64
 IMAGE_SIZE, PATCH, VOCAB = 336, 14, 32064
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 576
 TEXT_TOKENS = 64
@@ -97,21 +152,50 @@ class Row:
 class Bench:
     """The model, data and results of one run."""
 
-    def __init__(self, tiny: bool, steps: int, warmup: int, work: Path, out: Path | None, deadline: float):
+    def __init__(
+        self,
+        tiny: bool,
+        steps: int,
+        warmup: int,
+        work: Path,
+        out: Path | None,
+        deadline: float,
+        family: str = "llava",
+        image_tokens: int | None = None,
+    ):
         self.tiny, self.steps, self.warmup, self.work, self.out = tiny, steps, warmup, work, out
         self.traces: Path | None = None  # folder for profiler timelines of one step per training row
         self.started, self.deadline = time.perf_counter(), deadline
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() and not tiny else torch.device("cpu")
-        self.shape = SHAPES["tiny" if tiny else "7b"]
+        self.family = family_named(family)
+        self.qwen = self.family.name == "qwen2_5_vl"
+        self.shape = (QWEN_SHAPES if self.qwen else SHAPES)["tiny" if tiny else "7b"]
         self.rows: list[Row] = []
-        self.processor = build_processor(build_tokenizer(), IMAGE_SIZE, PATCH)
+        self.processor = qwen_processor() if self.qwen else build_processor(build_tokenizer(), IMAGE_SIZE, PATCH)
         self.processor.tokenizer.padding_side = "left"  # as load_processor sets it
         self.tokenizer = self.processor.tokenizer
-        self.data = write_dataset(work / "data", self.tokenizer, n=48 if tiny else 128)
-        self.images = [photo(i) for i in range(64 if not tiny else 8)]
+        tiny_vocab = -(-len(self.tokenizer) // 64) * 64  # the tiny Qwen's vocabulary, as its builder pads it
+        self.vocab = self.shape["text"].get("vocab_size") or (tiny_vocab if self.qwen else VOCAB)
+        self.photo_size = QWEN_PHOTO if self.qwen else (480, 360)
+        self.image_tokens, self.text_tokens = IMAGE_TOKENS, TEXT_TOKENS
+        self.set_image_tokens(image_tokens)
+        self.data = write_dataset(work / "data", self.processor, n=48 if tiny else 128, size=self.photo_size)
+        if self.qwen:
+            self.text_tokens = answer_of_length(self.processor, None, QWEN_ANSWER_TOKENS)[1]
+        self.images = [photo(i, self.photo_size) for i in range(64 if not tiny else 8)]
         self.peak_tflops = measure_matmul_tflops(self.device)
         self.model: Any = None
         self.only_ours = False  # skip the plain and peer rows
+
+    def set_image_tokens(self, budget: int | None) -> None:
+        """Dynamic-resolution families: the processor's image-token budget (image_max_tokens), and what the
+        benchmark photo then costs."""
+        if self.family.set_resolution(self.processor, budget) is None:
+            return
+        width, height = self.photo_size
+        counted = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
+        self.image_tokens = counted["num_image_tokens"][0]
+        self._supervised = None
 
     def time_left(self) -> bool:
         """False once the run is past its deadline: later rows are skipped so the table still prints."""
@@ -124,8 +208,15 @@ class Bench:
         return {
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor(),
             "versions": versions(),
-            "shape": "tiny (CPU check only)" if self.tiny else "LLaVA-1.5-7B, random bf16 weights",
-            "tokens_per_sample": {"image": IMAGE_TOKENS, "text": TEXT_TOKENS, "supervised": supervised_tokens(self)},
+            "shape": "tiny (CPU check only)"
+            if self.tiny
+            else f"{'Qwen2.5-VL-7B' if self.qwen else 'LLaVA-1.5-7B'}, random bf16 weights",
+            "tokens_per_sample": {
+                "image": self.image_tokens,
+                "text": self.text_tokens,
+                "supervised": supervised_tokens(self),
+                "photo": list(self.photo_size),
+            },
             "matmul_tflops_measured": self.peak_tflops,
             "seconds": round(time.perf_counter() - self.started, 1),
             "rows": [asdict(r) for r in self.rows],
@@ -133,7 +224,9 @@ class Bench:
 
     # ------------------------------------------------------------ model
 
-    def config(self) -> LlavaConfig:
+    def config(self) -> Any:
+        if self.qwen:
+            return qwen_config(self.shape, self.tokenizer, self.vocab)
         vision = CLIPVisionConfig(
             **self.shape["vision"], image_size=IMAGE_SIZE, patch_size=PATCH, hidden_act="quick_gelu", projection_dim=768
         )
@@ -164,8 +257,12 @@ class Bench:
         """Random bf16 weights made on the device (no 14 GB file): std 0.02 like transformers' init."""
         torch.manual_seed(0)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if self.qwen:
+            from transformers import Qwen2_5_VLForConditionalGeneration as model_class
+        else:
+            model_class = LlavaForConditionalGeneration
         with torch.device(self.device):
-            model = LlavaForConditionalGeneration._from_config(self.config(), dtype=dtype)
+            model = model_class._from_config(self.config(), dtype=dtype)
         model.generation_config.eos_token_id = None  # random weights: always generate the full 48 tokens
         model.generation_config.pad_token_id = self.tokenizer.pad_token_id
         model.config.use_cache = model.config.get_text_config().use_cache = False
@@ -173,7 +270,9 @@ class Bench:
         return model
 
     def dataset(self) -> Any:
-        return load_training_dataset(self.data, self.processor, IMAGE_TOKENS, max_length=2048, augment=True, seed=0)
+        return load_training_dataset(
+            self.data, self.processor, max_length=4096, square_pad=self.family.square_pad, augment=True, seed=0
+        )
 
     # ------------------------------------------------------------ flops
 
@@ -182,16 +281,33 @@ class Bench:
         and input-gradient, LoRA adds its forward, input- and weight-gradient; vision runs forward only."""
         t, v = self.shape["text"], self.shape["vision"]
         h, ffn, layers = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
-        seq = IMAGE_TOKENS + TEXT_TOKENS
-        linear = 2 * seq * layers * (4 * h * h + 3 * h * ffn)
+        seq = self.image_tokens + self.text_tokens
+        linear = 2 * seq * layers * (self.attention_weights() + 3 * h * ffn)
         attention = 2 * seq * seq * h * layers  # QK^T and AV, causal half
         lora = 2 * seq * layers * 128 * (4 * 2 * h + 2 * (h + ffn) + (ffn + h))
-        head = 2 * supervised * h * VOCAB
-        projector = 2 * IMAGE_TOKENS * (v["hidden_size"] * h + h * h)
+        head = 2 * supervised * h * self.vocab
+        if self.qwen:  # the merger: 4 patches' features (4 × 1280) → 5120 → hidden
+            merged = 4 * v["hidden_size"]
+            projector = 2 * self.image_tokens * (merged * merged + merged * h)
+        else:
+            projector = 2 * IMAGE_TOKENS * (v["hidden_size"] * h + h * h)
         return 2 * linear + 3 * attention + 3 * lora + 3 * head + self.vision_flops() + 3 * projector
+
+    def attention_weights(self) -> int:
+        """Weights of q, k, v and o in one language layer (k and v narrower with grouped-query attention)."""
+        t = self.shape["text"]
+        kv = t["hidden_size"] * t.get("num_key_value_heads", t["num_attention_heads"]) // t["num_attention_heads"]
+        return 2 * t["hidden_size"] * (t["hidden_size"] + kv)
 
     def vision_flops(self) -> float:
         v = self.shape["vision"]
+        if self.qwen:  # 4 patches per image token; SwiGLU MLP; 8 × 8-patch windows but in the full layers
+            patches, hidden = 4 * self.image_tokens, v["hidden_size"]
+            per_layer = 2 * patches * (4 * hidden**2 + 3 * hidden * v["intermediate_size"])
+            full = len(v["fullatt_block_indexes"])
+            window = (v["window_size"] // PATCH) ** 2
+            attention = 4 * patches * hidden * (full * patches + (v["depth"] - full) * window)
+            return v["depth"] * per_layer + attention
         tokens = IMAGE_TOKENS + 1
         per_layer = 2 * tokens * (4 * v["hidden_size"] ** 2 + 2 * v["hidden_size"] * v["intermediate_size"])
         return v["num_hidden_layers"] * (per_layer + 2 * tokens * tokens * v["hidden_size"])
@@ -200,7 +316,11 @@ class Bench:
         """One forward of `tokens` new tokens attending to `context` tokens, LM head on the last only."""
         t = self.shape["text"]
         h, ffn, layers = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
-        return 2 * tokens * layers * (4 * h * h + 3 * h * ffn) + 4 * tokens * context * h * layers + 2 * h * VOCAB
+        return (
+            2 * tokens * layers * (self.attention_weights() + 3 * h * ffn)
+            + 4 * tokens * context * h * layers
+            + 2 * h * self.vocab
+        )
 
     def mfu(self, flops_per_item: float, rate: float) -> float | None:
         return flops_per_item * rate / (self.peak_tflops * 1e12) if self.peak_tflops else None
@@ -208,6 +328,7 @@ class Bench:
     # ------------------------------------------------------------ rows
 
     def record(self, row: Row) -> Row:
+        row.detail.setdefault("image_tokens", self.image_tokens)
         self.rows.append(row)
         if self.out:  # after every row: a run cut off at its time limit still leaves its rows
             self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -222,20 +343,21 @@ class Bench:
 # ------------------------------------------------------------------ data
 
 
-def photo(index: int) -> Image.Image:
-    """A 480×360 product-like photo (box, sometimes a dark spot), different for every index."""
+def photo(index: int, size: tuple[int, int] = (480, 360)) -> Image.Image:
+    """A product-like photo (box, sometimes a dark spot), different for every index; drawn at 480×360 and
+    resized to `size`."""
     image = Image.new("RGB", (480, 360), (200 + index % 5 * 10, 205, 210 - index % 3 * 20))
     draw = ImageDraw.Draw(image)
     draw.rectangle((90 + index % 7, 60, 390, 300 - index % 11), fill=(245, 245, 240), outline=(60, 60, 60), width=4)
     if index % 2:
         x = 120 + (index * 37) % 220
         draw.ellipse((x, 120, x + 30, 150), fill=(20, 20, 20))
-    return image
+    return image if size == (480, 360) else image.resize(size, Image.BILINEAR)
 
 
-def answer_of_length(tokenizer: Any, text_tokens: int) -> str:
-    """An answer whose conversation has exactly `text_tokens` text tokens besides the image."""
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+def answer_of_length(processor: Any, text_tokens: int | None, answer_tokens: int | None = None) -> tuple[str, int]:
+    """An answer whose conversation has exactly `text_tokens` text tokens besides the image placeholder
+    (LLaVA), or whose supervised span has `answer_tokens` tokens (ChatML families); and the text count."""
     words = [
         "NG.",
         "There",
@@ -262,24 +384,79 @@ def answer_of_length(tokenizer: Any, text_tokens: int) -> str:
         base = " ".join(words[i % len(words)] for i in range(count))
         for tail in ("", ".", " a", " ok", " OK."):
             answer = base + tail
-            tokens = tokenize_conversation([(f"{IMAGE}\n{QUESTION}", answer)], tokenizer, image_id, IMAGE_TOKENS)
-            if len(tokens.input_ids) - IMAGE_TOKENS == text_tokens:
-                return answer
+            conv = conversation(processor, [(f"{IMAGE}\n{QUESTION}", answer)])
+            text = len(conv.ids) - 1  # the image placeholder is one token before the processor expands it
+            start, stop = conv.spans[0]
+            if text == text_tokens or stop - start == answer_tokens:
+                return answer, text
     raise RuntimeError(f"no answer gives {text_tokens} text tokens")
 
 
-def write_dataset(folder: Path, tokenizer: Any, n: int) -> Path:
-    """A prepare-style dataset folder: photos, train.json (576 image + 64 text tokens each), manifest."""
+def write_dataset(folder: Path, processor: Any, n: int, size: tuple[int, int] = (480, 360)) -> Path:
+    """A prepare-style dataset folder: photos, train.json (LLaVA: 576 image + 64 text tokens each), manifest."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    answer = answer_of_length(tokenizer, TEXT_TOKENS)
+    if processor.chat_template and "im_start" in processor.chat_template:
+        answer, _ = answer_of_length(processor, None, QWEN_ANSWER_TOKENS)
+    else:
+        answer, _ = answer_of_length(processor, TEXT_TOKENS)
     samples = []
     for i in range(n):
-        photo(i).save(folder / "images" / f"{i:03d}.png")
+        photo(i, size).save(folder / "images" / f"{i:03d}.png")
         conversation = [{"from": "human", "value": f"{IMAGE}\n{QUESTION}"}, {"from": "gpt", "value": answer}]
         samples.append({"id": f"s{i}", "image": f"images/{i:03d}.png", "conversations": conversation})
     (folder / "train.json").write_text(json.dumps(samples))
     (folder / "manifest.json").write_text(json.dumps({"language": "en", "product": "product"}))
     return folder
+
+
+def qwen_processor() -> Any:
+    """Qwen2.5-VL's processor as `models/families/qwen2_5_vl.py` builds its tiny model's: the tiny ChatML
+    tokenizer, the image processor (torchvision's where it is installed, as AutoProcessor picks), no video."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+
+    from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer
+    from vlm_inspect.models.families.qwen2_5_vl import IMAGE_PARTS
+    from vlm_inspect.models.load import without_video
+
+    template = chatml_template("<|vision_start|><|image_pad|><|vision_end|>", "You are a helpful assistant.")
+    tok = chatml_tokenizer(IMAGE_PARTS, template)
+    image_processor = Qwen2VLImageProcessor(patch_size=PATCH, merge_size=2, temporal_patch_size=2)
+    try:
+        return without_video(Qwen2_5_VLProcessor)(
+            image_processor=image_processor, tokenizer=tok, chat_template=template
+        )
+    except (AttributeError, TypeError, ValueError):  # an older transformers: give it its video processor
+        from transformers import Qwen2VLVideoProcessor
+
+        video = Qwen2VLVideoProcessor()
+        return Qwen2_5_VLProcessor(image_processor, tok, video_processor=video, chat_template=template)
+
+
+def qwen_config(shape: dict[str, dict], tok: Any, vocab: int) -> Any:
+    """A Qwen2_5_VLConfig of `shape` whose special-token ids are the processor's (as the tiny builder's)."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = tok.convert_tokens_to_ids
+    text = {
+        **shape["text"],
+        "vocab_size": vocab,
+        "max_position_embeddings": 128000,
+        "rms_norm_eps": 1e-6,
+        "bos_token_id": None,
+        "eos_token_id": ids("<|im_end|>"),
+        "pad_token_id": tok.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+    vision = {**shape["vision"], "patch_size": PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
 
 
 # ------------------------------------------------------------------ measuring
@@ -452,7 +629,7 @@ def train_stock(bench: Bench, work: str, setup: str, batch: int, checkpointing: 
         lora_alpha=256,
         lora_dropout=0.0 if peer else 0.05,
         target_modules=LORA_TARGETS,
-        modules_to_save=[PROJECTOR],
+        modules_to_save=[bench.family.projector],
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(bench.model, lora)
@@ -511,7 +688,7 @@ def train_ours(
     try:
         chosen, checkpointing = trainer_module.choose_batch_size(cfg, model, dataset, bench.device)
         if forced_layers is not None:  # a fixed share of layers, to calibrate the memory estimate
-            seq = max(len(t.input_ids) for t in dataset.tokens)
+            seq = max(dataset.lengths)
             estimate = trainer_module.estimate_memory_gib(model, chosen, seq, forced_layers)
             checkpointing = trainer_module.Checkpointing(forced_layers, checkpointing.total, estimate)
         row.batch = chosen
@@ -521,7 +698,7 @@ def train_ours(
             cfg, bench.work / "run", model, dataset, collator(bench), plan, bench_dtype(bench), checkpointing, None
         )
         trainer.args.disable_tqdm = True
-        undo_defaults(trainer, model, undo)
+        undo_defaults(bench, trainer, model, undo)
         trace = bench.traces / f"trainer-{slug(work, setup)}.json.gz" if bench.traces else None
         timer = StepTimes(bench.device, trace if bench.device.type == "cuda" else None, steps)
         trainer.add_callback(timer)
@@ -534,7 +711,8 @@ def train_ours(
         row.detail.update(
             checkpointing=str(checkpointing),
             estimate_gib=checkpointing.estimate_gib,
-            compiled=trainer_module.use_compile(cfg, bench.device),
+            compiled=trainer_module.use_compile(cfg, bench.device, bench.family),
+            seq_tokens_max=max(dataset.lengths),
             first_steps_s=round(timer.times[bench.warmup - 1] - started, 1),
             workers=trainer.args.dataloader_num_workers,
         )
@@ -546,14 +724,14 @@ def train_ours(
     return bench.record(row)
 
 
-def undo_defaults(trainer: Any, model: Any, undo: tuple[str, ...]) -> None:
+def undo_defaults(bench: Bench, trainer: Any, model: Any, undo: tuple[str, ...]) -> None:
     """Stock behaviour back for the named defaults (see `train_ours`)."""
     if "gc" in undo:
         trainer.remove_callback(trainer_module.FreezeLongLivedObjects)
     if "vision" in undo:
         base = model.get_base_model()
         base.enable_input_require_grads()
-        for module in base.model.vision_tower.modules():
+        for module in bench.family.vision_tower(base).modules():
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = True
     if "vision_compile" in undo:
@@ -573,8 +751,9 @@ def bench_dtype(bench: Bench) -> torch.dtype:
 
 
 def supervised_tokens(bench: Bench) -> int:
-    labels = bench.dataset().tokens[0].labels
-    return sum(label != -100 for label in labels)
+    if getattr(bench, "_supervised", None) is None:
+        bench._supervised = int((bench.dataset()[0]["labels"] != -100).sum())
+    return bench._supervised
 
 
 def has_liger() -> bool:
@@ -648,6 +827,35 @@ def train_rows(bench: Bench, only_ours: bool = False, plan_only: bool = False) -
             train_stock(bench, work, setup, batch, **settings)
         else:
             train_ours(bench, work, setup, batch, **settings)
+
+
+def family_rows(bench: Bench, budgets: list[int], sections: set[str], only_ours: bool = False) -> None:
+    """A dynamic-resolution family's rows at each image-token budget, most important first: LoRA at the
+    24 GB plan (ours; plain and peer at the batch ours chose), score, describe (plain, ours); then LoRA with
+    compiled layers (off by default for this family until measured) and the peer describe rows, whose
+    static-cache `generate` compiles for each batch size."""
+    card = 23.6 - 0.5  # a 24 GB card's memory less the CUDA context
+    stock = () if only_ours else ("plain", "peer")
+    for budget in budgets:
+        bench.set_image_tokens(budget)
+        tag = f", {bench.image_tokens} image tokens"
+        if "train" in sections and bench.time_left():
+            bench.build_model() if bench.model is None else None
+            ours = train_ours(bench, f"LoRA train{tag}", "ours (24 GB plan)", None, budget_gib=card)
+            for setup in stock:
+                if bench.time_left():
+                    train_stock(bench, f"LoRA train{tag}", setup, ours.batch or 1)
+        if "infer" in sections and bench.time_left():
+            infer_rows(bench, tag, describe=("plain", "ours"))
+    for budget in budgets if "train" in sections else []:
+        bench.set_image_tokens(budget)
+        if bench.time_left():
+            work = f"LoRA train, {bench.image_tokens} image tokens"
+            train_ours(bench, work, "ours, compiled layers (24 GB plan)", None, budget_gib=card, compile=True)
+    for budget in budgets if "infer" in sections and not only_ours else []:
+        bench.set_image_tokens(budget)
+        if bench.time_left():
+            infer_rows(bench, f", {bench.image_tokens} image tokens", score=False, describe=("peer",))
 
 
 def probe_rows(bench: Bench) -> None:
@@ -762,9 +970,9 @@ def timed(device: torch.device, fn: Any, repeats: int) -> float:
 
 def stock_inputs(bench: Bench, images: list[Image.Image]) -> dict[str, torch.Tensor]:
     """The processor call a transformers user makes, on LLaVA-1.5's square-padded photos (as ours)."""
-    prompt = render_prompt(QUESTION)
+    prompt = chat_prompt(bench.processor, QUESTION)
     mean = bench.processor.image_processor.image_mean
-    squared = [square_image(image, mean, "pad") for image in images]
+    squared = [square_image(image, mean, "pad" if bench.family.square_pad else "native") for image in images]
     inputs = bench.processor(images=squared, text=[prompt] * len(images), return_tensors="pt", padding=True)
     return {
         k: v.to(bench.device, bench_dtype(bench)) if k == "pixel_values" else v.to(bench.device)
@@ -792,14 +1000,9 @@ class VariantPredictor(Predictor):
         return decoder
 
 
-def infer_rows(bench: Bench) -> None:
-    model = bench.model if bench.model is not None else bench.build_model()
-    model.eval()
-    predictor = Predictor(model, bench.processor, "random 7B", has_adapter=False)
+def score_pair(bench: Bench, model: Any, predictor: Predictor, score_flops: float, tag: str) -> None:
+    """OK/NG score at batch 32: stock `model(...)` and `Predictor.score`, and where ours' time goes."""
     images = bench.images
-    prompt_tokens = stock_inputs(bench, images[:1])["input_ids"].shape[1]
-    score_flops = bench.forward_flops(prompt_tokens, prompt_tokens) + bench.vision_flops()
-
     batch = 32 if not bench.tiny else 4
     group = images[:batch]
 
@@ -809,7 +1012,7 @@ def infer_rows(bench: Bench) -> None:
 
     rows = [("plain", plain_score), ("ours", lambda: predictor.score(group, QUESTION, batch_size=batch))]
     for setup, fn in rows:
-        row = Row("OK/NG score, batch 32", setup, batch)
+        row = Row(f"OK/NG score, batch 32{tag}", setup, batch)
         try:
             fn()
             reset_peak(bench.device)
@@ -829,7 +1032,7 @@ def infer_rows(bench: Bench) -> None:
             abs(a - b) for a, b in zip(p_plain, p_ours, strict=True)
         )
     with contextlib.suppress(Exception):
-        prompts = [render_prompt(QUESTION)] * batch
+        prompts = [chat_prompt(bench.processor, QUESTION)] * batch
         ours_inputs = timed(bench.device, lambda: predictor._inputs(group, prompts), 3)
         plain_inputs = timed(bench.device, lambda: stock_inputs(bench, group), 3)
         inputs = predictor._inputs(group, prompts)
@@ -839,16 +1042,31 @@ def infer_rows(bench: Bench) -> None:
             inputs_s_ours=round(ours_inputs, 4), inputs_s_plain_cpu=round(plain_inputs, 4), forward_s=round(forward, 4)
         )
 
+
+def infer_rows(bench: Bench, tag: str = "", score: bool = True, describe: tuple[str, ...] | None = None) -> None:
+    """OK/NG score at batch 32 (plain, ours) when `score`, then describe 48 tokens at batch 8 and 1 with the
+    setups whose names start with one of `describe` (all when None). `tag` ends each work's name."""
+    model = bench.model if bench.model is not None else bench.build_model()
+    model.eval()
+    predictor = Predictor(model, bench.processor, "random 7B", has_adapter=False)
+    images = bench.images
+    prompt_tokens = stock_inputs(bench, images[:1])["input_ids"].shape[1]
+    score_flops = bench.forward_flops(prompt_tokens, prompt_tokens) + bench.vision_flops()
+    if score:
+        score_pair(bench, model, predictor, score_flops, tag)
+
     new_tokens = 48
     variants = [
         ("ours, q/k/v and gate/up not stacked", VariantPredictor(predictor, stacked=False)),
         ("ours, prefill compiled in parts", VariantPredictor(predictor, whole_prefill=False)),
     ]
+    if not bench.family.fast_paths:  # the levers undone are the fast paths' own
+        variants = []
     for batch in (8, 1):
         if not bench.time_left():
             return
         group = images[:batch]
-        work = f"describe 48 tokens, batch {batch}"
+        work = f"describe 48 tokens, batch {batch}{tag}"
         flops = (
             bench.forward_flops(prompt_tokens, prompt_tokens)
             + bench.vision_flops()
@@ -870,6 +1088,8 @@ def infer_rows(bench: Bench) -> None:
         ]
         if bench.only_ours:
             setups = [(name, fn) for name, fn in setups if name.startswith("ours")]
+        if describe is not None:
+            setups = [(name, fn) for name, fn in setups if name.startswith(describe)]
         for setup, fn in setups:
             row = Row(work, setup, batch)
             try:
@@ -885,12 +1105,14 @@ def infer_rows(bench: Bench) -> None:
                 row.error = f"{type(err).__name__}: {err}"[:400]
                 traceback.print_exc()
             bench.record(row)
+        if not bench.family.fast_paths or describe is not None:
+            continue
         with contextlib.suppress(Exception):
             # Random weights give nearly flat logits, so bf16 rounding flips greedy choices: the share of
             # leading tokens equal to plain `generate` is shown for the peer (same kernels) and for ours.
             plain_ids = generate(False).cpu()
             with predictor.lock:
-                inputs = predictor._inputs(group, [render_prompt(QUESTION)] * batch)
+                inputs = predictor._inputs(group, [chat_prompt(bench.processor, QUESTION)] * batch)
             with torch.inference_mode():
                 ours_ids = predictor._decoder(inputs["input_ids"].shape, new_tokens).run(inputs, new_tokens).cpu()
             peer_ids = generate(True).cpu()
@@ -912,7 +1134,7 @@ def score_rows(bench: Bench) -> None:
     group = bench.images[:batch]
     prompt_tokens = stock_inputs(bench, group[:1])["input_ids"].shape[1]
     score_flops = bench.forward_flops(prompt_tokens, prompt_tokens) + bench.vision_flops()
-    inputs = predictor._inputs(group, [render_prompt(QUESTION)] * batch)
+    inputs = predictor._inputs(group, [chat_prompt(bench.processor, QUESTION)] * batch)
     unmasked = {k: v for k, v in inputs.items() if k != "attention_mask"}
     variants: dict[str, Any] = {"prompt_tokens": prompt_tokens}
 
@@ -966,7 +1188,8 @@ def score_rows(bench: Bench) -> None:
         p_ours = torch.tensor(predictor.score(group, QUESTION, batch_size=batch), device=p_plain.device)
         bench.rows[-1].detail["max_p_ng_difference_vs_plain"] = float((p_ours - p_plain).abs().max())
         bench.rows[-1].detail["inputs_s_ours"] = round(
-            timed(bench.device, lambda: predictor._inputs(group, [render_prompt(QUESTION)] * batch), 3), 4
+            timed(bench.device, lambda: predictor._inputs(group, [chat_prompt(bench.processor, QUESTION)] * batch), 3),
+            4,
         )
 
     def compiled_forward() -> Any:
@@ -1042,9 +1265,12 @@ def ours_qlora(bench: Bench, cfg: TrainConfig, row: Row, budget_gib: float) -> t
     total = torch.cuda.get_device_properties(bench.device).total_memory / GIB
     torch.cuda.set_per_process_memory_fraction((budget_gib + 0.5) / total, bench.device)
     inner = model.get_base_model().model
-    row.detail["projector_dtypes"] = sorted({str(p.dtype) for p in inner.multi_modal_projector.parameters()})
-    row.detail["vision_dtypes"] = sorted({str(p.dtype) for p in inner.vision_tower.parameters()})
-    row.detail["projector_trainable"] = any(p.requires_grad for n, p in model.named_parameters() if PROJECTOR in n)
+    family = bench.family
+    row.detail["projector_dtypes"] = sorted({str(p.dtype) for p in family.projector_module(model).parameters()})
+    row.detail["vision_dtypes"] = sorted({str(p.dtype) for p in family.vision_tower(model).parameters()})
+    row.detail["projector_trainable"] = any(
+        p.requires_grad for n, p in model.named_parameters() if family.projector in n
+    )
     row.detail["lm_linear_class"] = type(inner.language_model.layers[0].mlp.down_proj.base_layer).__name__
     row.detail["weights_gib"] = round(torch.cuda.memory_allocated(bench.device) / GIB, 2)
     dataset = bench.dataset()
@@ -1070,11 +1296,17 @@ def stock_qlora(bench: Bench, cfg: TrainConfig, batch: int) -> tuple[Any, Any, S
         cfg.model,
         dtype=torch.bfloat16,
         device=bench.device,
-        quantization_config=trainer_module._qlora_config(torch.bfloat16),
+        quantization_config=trainer_module._qlora_config(torch.bfloat16, bench.family),
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     reset_peak(bench.device)
-    lora = LoraConfig(r=128, lora_alpha=256, lora_dropout=0.0, target_modules=LORA_TARGETS, modules_to_save=[PROJECTOR])
+    lora = LoraConfig(
+        r=128,
+        lora_alpha=256,
+        lora_dropout=0.0,
+        target_modules=LORA_TARGETS,
+        modules_to_save=[bench.family.projector],
+    )
     model = get_peft_model(model, lora)
     args = stock_args(bench, bench.work / "stock-q", batch, True, "adamw_torch_fused", False)
     trainer = Trainer(model=model, args=args, train_dataset=bench.dataset(), data_collator=collator(bench))
@@ -1101,7 +1333,9 @@ def table(bench: Bench) -> str:
         peak = f", {row.peak_gib:.1f} GiB" if row.peak_gib else ""
         return f"{row.rate:.2f}/s{peak}"
 
-    for work, (rate_target, peak_target) in TARGETS.items():
+    works = [*TARGETS, *dict.fromkeys(r.work for r in bench.rows if r.work not in TARGETS)]
+    for work in works:
+        rate_target, peak_target = TARGETS.get(work, (None, None))
         found = [r for r in bench.rows if r.work == work]
         if not found:
             continue
@@ -1161,11 +1395,20 @@ def main() -> None:
     parser.add_argument("--only-ours", action="store_true", help="skip the plain and peer rows")
     parser.add_argument("--deadline", type=float, default=540, help="seconds after which remaining rows are skipped")
     parser.add_argument("--traces", type=Path, default=None, help="folder for one profiled step per training row")
+    parser.add_argument("--family", default="llava", help="llava (the rows above) or qwen2_5_vl (see the top)")
+    parser.add_argument(
+        "--image-tokens", default="1280,576", help="qwen2_5_vl: comma-separated image_max_tokens budgets to measure"
+    )
     args = parser.parse_args()
     sections = set(args.only.split(","))
+    budgets = [int(t) for t in args.image_tokens.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        bench = Bench(args.tiny, args.steps, args.warmup, Path(tmp), args.out, args.deadline)
+        bench = Bench(args.tiny, args.steps, args.warmup, Path(tmp), args.out, args.deadline, args.family, budgets[0])
         bench.traces = args.traces
+        bench.only_ours = args.only_ours
+        if args.family != "llava":
+            family_rows(bench, budgets, sections, args.only_ours)
+            sections = set()
         if "probe" in sections:
             probe_rows(bench)
         if "train" in sections or "plan" in sections:

@@ -48,7 +48,10 @@ class Family:
     """(width, height) a photo of this size takes up in the pixels the vision encoder reads; unset: the
     processor's square view of the photo padded to a square (LLaVA-1.5, Gemma 3)."""
     fast_paths: bool = False
-    """Whether the measured GPU fast paths (compiled layers, CUDA-graph greedy decoder) are on for it."""
+    """Whether the measured GPU fast paths for scoring and describing (compiled layers, CUDA-graph greedy
+    decoder) are on for it."""
+    compile_training: bool = False
+    """Whether `train` compiles the decoder layers on a GPU by default (on where it was measured to help)."""
     build_tiny: Callable[..., Path] = field(default=None, repr=False)  # type: ignore[assignment]
     """Builds and saves a tiny random model, tokenizer and processor of this family (tests, trials)."""
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from vlm_inspect.models.families.chatml import vocab_size
+from vlm_inspect.models.families.chatml import tiny_text_config
 from vlm_inspect.models.families.qwen2_5_vl import save
 from vlm_inspect.models.family import Family
 from vlm_inspect.models.tiny import build_tokenizer
@@ -32,22 +32,15 @@ def build_tiny(out: str | Path, seed: int = 0) -> Path:
     )
     ids = tok.convert_tokens_to_ids
     config = Gemma3Config(
-        text_config={
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "vocab_size": vocab_size(tok),
-            "max_position_embeddings": 4096,
-            "sliding_window": 64,
-            "layer_types": ["sliding_attention", "full_attention"],
-            "query_pre_attn_scalar": 16,
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": ids("<end_of_turn>"),
-            "pad_token_id": tok.pad_token_id,
-        },
+        text_config=tiny_text_config(
+            tok,
+            head_dim=16,
+            sliding_window=64,
+            layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=16,
+            bos_token_id=tok.bos_token_id,
+            tie_word_embeddings=True,
+        ),
         vision_config={
             "hidden_size": 32,
             "intermediate_size": 64,

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer, vocab_size
+from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer, tiny_text_config
 from vlm_inspect.models.families.qwen2_5_vl import save
 from vlm_inspect.models.family import Family
 
@@ -61,20 +61,7 @@ def build_tiny(out: str | Path, seed: int = 0) -> Path:
             "image_size": [64, 64],
             "patch_size": [8, 8],
         },
-        text_config={
-            "model_type": "qwen2",
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "vocab_size": vocab_size(tok),
-            "max_position_embeddings": 4096,
-            "bos_token_id": None,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-            "tie_word_embeddings": False,
-        },
+        text_config=tiny_text_config(tok, model_type="qwen2"),
         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
         image_seq_length=16,
         downsample_ratio=0.5,

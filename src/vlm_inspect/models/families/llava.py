@@ -17,5 +17,6 @@ FAMILY = Family(
     chat_template=LLAVA_CHAT_TEMPLATE,
     square_pad=True,
     fast_paths=True,
+    compile_training=True,
     build_tiny=save_tiny_model,
 )

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer, vocab_size
+from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer, tiny_text_config
 from vlm_inspect.models.family import Family
 
 IMAGE_PARTS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
@@ -55,20 +55,9 @@ def build_tiny(out: str | Path, seed: int = 0, vision_patch: int = 14) -> Path:
     tok = chatml_tokenizer(IMAGE_PARTS, template)
     ids = tok.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
-        text_config={
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "vocab_size": vocab_size(tok),
-            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-            "max_position_embeddings": 4096,
-            "bos_token_id": None,
-            "eos_token_id": ids("<|im_end|>"),
-            "pad_token_id": tok.pad_token_id,
-            "tie_word_embeddings": False,
-        },
+        text_config=tiny_text_config(
+            tok, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+        ),
         vision_config={
             "depth": 2,
             "hidden_size": 32,
@@ -117,5 +106,6 @@ FAMILY = Family(
     default_image_max_tokens=1280,
     apply_token_budget=set_token_budget,
     seen_size=resized,
+    compile_training=True,  # measured: benchmarks/README.md, Qwen2.5-VL section (1.77× LoRA samples/s)
     build_tiny=build_tiny,
 )

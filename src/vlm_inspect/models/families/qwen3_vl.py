@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer, vocab_size
+from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer, tiny_text_config
 from vlm_inspect.models.families.qwen2_5_vl import IMAGE_PARTS, resized, save, set_token_budget
 from vlm_inspect.models.family import Family
 
@@ -20,26 +20,16 @@ def build_tiny(out: str | Path, seed: int = 0) -> Path:
     tok = chatml_tokenizer(IMAGE_PARTS, template)
     ids = tok.convert_tokens_to_ids
     config = Qwen3VLConfig(
-        text_config={
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "vocab_size": vocab_size(tok),
-            "rope_parameters": {
+        text_config=tiny_text_config(
+            tok,
+            head_dim=16,
+            rope_parameters={
                 "rope_type": "default",
                 "mrope_section": [2, 3, 3],
                 "mrope_interleaved": True,
                 "rope_theta": 10000.0,
             },
-            "max_position_embeddings": 4096,
-            "bos_token_id": None,
-            "eos_token_id": ids("<|im_end|>"),
-            "pad_token_id": tok.pad_token_id,
-            "tie_word_embeddings": False,
-        },
+        ),
         vision_config={
             "depth": 2,
             "hidden_size": 32,

@@ -663,3 +663,30 @@ def test_worst_shapes_cost_bounded_memory(tmp_path: Path) -> None:
     assert rise["deep16_3000.png"][0] == "decoded"
     assert rise["deep16_3000.png"][1] < estimate("I;16", 3000, 3000) / 2**20 + 40
     assert estimate("I;16", 3000, 3000) < images_module.MAX_DECODE_BYTES
+
+
+@pytest.mark.parametrize("image", ["../outside/canary.png", "ABSOLUTE", "linked.png"])
+def test_train_and_evaluate_refuse_llava_images_outside_the_folder(
+    image: str, tmp_path: Path, source: tuple[Path, Path], watch: list[str]
+) -> None:
+    """`train` and `evaluate` read photos straight from a LLaVA JSON: one leading out of its folder is an error
+    naming it, before any photo is opened."""
+    from vlm_inspect.data.dataset import dataset_paths, load_training_dataset
+    from vlm_inspect.evaluate.run import items_from_llava_json
+
+    _, outside = source
+    src = tmp_path / "src"
+    noise(seed=30).save(src / "p0.png")
+    _link(outside / "canary.png", src / "linked.png")
+    image = str(outside / "canary.png") if image == "ABSOLUTE" else image
+    json_path = src / "data.json"
+    json_path.write_text(_llava(["p0.png", image]))
+    for read in (
+        lambda: load_training_dataset(json_path, processor=None),
+        lambda: items_from_llava_json(json_path, src),
+    ):
+        with pytest.raises(DataError, match=r"(?s)data.json.*sample 1") as info:
+            read()
+        assert "outside" in str(info.value)
+    assert not [p for p in watch if "canary" in p]
+    assert dataset_paths(json_path) == (json_path, src)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from vlm_inspect.data.images import fit_model_input, load_image
-from vlm_inspect.data.llava_json import read_llava_json
+from vlm_inspect.data.llava_json import read_contained_llava_json
 from vlm_inspect.errors import DataError
 from vlm_inspect.models.chat import Conversation, conversation
 
@@ -165,7 +165,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 def load_training_dataset(data: str | Path, processor: Any, **kwargs: Any) -> ConversationDataset:
     """Read and check the dataset, then wrap it for training."""
     json_path, image_root = dataset_paths(data)
-    samples = read_llava_json(json_path, image_root)
+    samples = read_contained_llava_json(json_path, image_root)
     if not samples:
         raise DataError(f"{json_path}: no samples")
     return ConversationDataset(samples, image_root, processor, **kwargs)

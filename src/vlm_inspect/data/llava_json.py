@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from vlm_inspect.data.safe_read import exists, parse_json, show_path
+from vlm_inspect.data.safe_read import exists, outside_reason, parse_json, show_path
 from vlm_inspect.errors import DataError
 
 IMAGE_TOKEN = "<image>"
@@ -52,6 +52,21 @@ def read_llava_json(path: Path, image_folder: Path) -> list[dict[str, Any]]:
             samples.append(_normalised(sample))
     if problems:
         raise DataError(_problems_message(path, problems))
+    return samples
+
+
+def read_contained_llava_json(path: Path, image_folder: Path) -> list[dict[str, Any]]:
+    """`read_llava_json` for verbs that read the photos straight from it (train, evaluate): a sample whose
+    `image` leads outside `image_folder` (`../`, an absolute path, a link out) is an error naming it, so
+    nothing outside the named inputs is opened. (`prepare` lists such samples as skipped instead.)"""
+    samples = read_llava_json(path, image_folder)
+    outside = [
+        f"sample {index} ({sample['image']!r}): {reason}"
+        for index, sample in enumerate(samples)
+        if (reason := outside_reason(Path(image_folder) / sample["image"], Path(image_folder)))
+    ]
+    if outside:
+        raise DataError(_problems_message(Path(path), outside))
     return samples
 
 

@@ -164,11 +164,11 @@ def load_items(data: Path) -> tuple[list[Item], list[dict]]:
 
 def items_from_llava_json(path: Path, image_folder: Path) -> list[Item]:
     """Items from LLaVA samples; the label is the `label` key, else the verdict word of the first answer."""
-    from vlm_inspect.data.llava_json import read_llava_json
+    from vlm_inspect.data.llava_json import read_contained_llava_json
     from vlm_inspect.data.prompts import parse_verdict
 
     items, unlabelled = [], []
-    for index, sample in enumerate(read_llava_json(path, image_folder)):
+    for index, sample in enumerate(read_contained_llava_json(path, image_folder)):
         answers = [t["value"] for t in sample["conversations"] if t["from"] == "gpt"]
         label = sample.get("label") or parse_verdict(answers[0])
         if label is None:

@@ -65,8 +65,7 @@ def _child(path_kind: str, image_path: str, model_dir: str) -> None:
     """One decode in this fresh process; prints 'MiB outcome'."""
     from transformers import AutoProcessor
 
-    from vlm_inspect.data.dataset import square_image
-    from vlm_inspect.data.images import load_image
+    from vlm_inspect.data.images import load_image, square_image
     from vlm_inspect.errors import DataError
 
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -87,7 +86,7 @@ def _child(path_kind: str, image_path: str, model_dir: str) -> None:
 
 
 def main() -> None:
-    from vlm_inspect.models.tiny import save_tiny_model
+    from vlm_inspect.models.families.llava import save_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -35,13 +35,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu  # noqa: E402  (benchmarks/gpu.py: model, data, rows, timing)
 
-from vlm_inspect import trainer as trainer_module  # noqa: E402
 from vlm_inspect.config import TrainConfig  # noqa: E402
+from vlm_inspect.inference import Predictor  # noqa: E402
 from vlm_inspect.models import fp8 as fp8_module  # noqa: E402
+from vlm_inspect.models.families import family_of_model
 from vlm_inspect.models.fp8 import Fp8Linear, dequantize, quantize_rows, to_fp8  # noqa: E402
-from vlm_inspect.models.template import render_prompt  # noqa: E402
-from vlm_inspect.plan import Plan  # noqa: E402
-from vlm_inspect.predict import Predictor  # noqa: E402
+from vlm_inspect.training import loop, memory  # noqa: E402
+from vlm_inspect.training import model as training_model
+from vlm_inspect.training.plan import Plan  # noqa: E402
 
 CARD = 23.6 - 0.5  # a 24 GB card less the CUDA context, as gpu.py's 24 GB plan
 TARGETS = {  # the issue's targets for the FP8 rows: (rate at least, peak GiB at most)
@@ -144,12 +145,12 @@ def loss_curve(bench: gpu.Bench, setup: str) -> tuple[list[float], dict[str, tor
 
     set_seed(0)
     cfg = TrainConfig(model="(in memory)", data=str(bench.data), out=str(bench.work / "curve"), batch_size=8)
-    model = trainer_module.apply_lora(bench.model, cfg)
+    model = training_model.apply_lora(bench.model, cfg, family_of_model(bench.model))
     dataset = bench.dataset()
     steps = 3 if bench.tiny else CURVE_STEPS
     plan = Plan(len(dataset), 1, 8, 1, len(dataset) // 8, steps, 1.0, 1, 10**9)
-    checkpointing = trainer_module.Checkpointing(0, len(trainer_module.language_layers(model)))
-    trainer = trainer_module.build_trainer(
+    checkpointing = memory.Checkpointing(0, len(memory.language_layers(model)))
+    trainer = loop.build_trainer(
         cfg,
         bench.work / "curve",
         model,
@@ -172,7 +173,7 @@ def loss_curve(bench: gpu.Bench, setup: str) -> tuple[list[float], dict[str, tor
 def merged_copy(bench: gpu.Bench, trained: dict[str, torch.Tensor]) -> Any:
     """A copy of the base with the trained adapter (and projector) merged in."""
     cfg = TrainConfig(model="-", data="-", out="-")
-    model = trainer_module.apply_lora(copy.deepcopy(bench.model), cfg)
+    model = training_model.apply_lora(copy.deepcopy(bench.model), cfg, family_of_model(bench.model))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in trained.items():
@@ -194,7 +195,7 @@ def score(bench: gpu.Bench, model: Any, setup: str) -> tuple[gpu.Row, torch.Tens
     row.rate, row.peak_gib = batch / seconds, gpu.peak_gib(bench.device)
     p_ng = torch.tensor(predictor.score(bench.images, gpu.QUESTION, batch_size=batch))
     with torch.inference_mode():
-        logits = predictor._last_logits(predictor._inputs(group, [render_prompt(gpu.QUESTION)] * batch)).cpu()
+        logits = predictor._last_logits(predictor._inputs(group, [predictor.prompt(gpu.QUESTION)] * batch)).cpu()
     return bench.record(row), p_ng, logits
 
 
@@ -238,9 +239,8 @@ def train_section(bench: gpu.Bench, result: dict[str, Any]) -> None:
             _, p_bf16, logits_bf16 = score(bench, merged, "ours bf16 (merged)")
             with torch.inference_mode():  # the bf16 noise floor: the same weights without compiled layers
                 n = len(logits_bf16)
-                inputs = Predictor(merged, bench.processor, "-", False)._inputs(
-                    bench.images[:n], [render_prompt(gpu.QUESTION)] * n
-                )
+                eager_predictor = Predictor(merged, bench.processor, "-", False)
+                inputs = eager_predictor._inputs(bench.images[:n], [eager_predictor.prompt(gpu.QUESTION)] * n)
                 eager = merged(**inputs, logits_to_keep=1).logits[:, -1].float().cpu()
             numerics["bf16_compiled_vs_eager_logits_rel_error"] = float(
                 (eager - logits_bf16).norm() / logits_bf16.norm()
@@ -281,10 +281,10 @@ def tiny_task(work: Path, result: dict[str, Any], steps: int) -> None:
     """The tiny-model task through the real verbs: `train` LoRA on synthetic photos in bf16 and in fp8 (same
     data and seed), then `predict` each run's adapter on the same photos in its precision."""
     from vlm_inspect.config import PredictConfig, PrepareConfig, build_config
-    from vlm_inspect.data.prepare import prepare
     from vlm_inspect.data.synthetic import write_dataset_folders
-    from vlm_inspect.models.tiny import save_tiny_model
+    from vlm_inspect.models.families.llava import save_tiny_model
     from vlm_inspect.predict import predict
+    from vlm_inspect.prepare import prepare
     from vlm_inspect.train import train
 
     photos = write_dataset_folders(work / "photos", 48, 48, seed=0)

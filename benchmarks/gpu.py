@@ -54,16 +54,19 @@ from transformers import (
     TrainingArguments,
 )
 
-from vlm_inspect import trainer as trainer_module
 from vlm_inspect.config import TrainConfig
 from vlm_inspect.data.dataset import Collator, load_training_dataset, square_image
+from vlm_inspect.inference import Predictor
 from vlm_inspect.models.chat import IMAGE, conversation
 from vlm_inspect.models.chat import prompt as chat_prompt
-from vlm_inspect.models.family import LORA_TARGETS, family_named
+from vlm_inspect.models.families import family_named, family_of_model
+from vlm_inspect.models.families.common import build_tokenizer
+from vlm_inspect.models.families.llava import build_processor
+from vlm_inspect.models.family import LORA_TARGETS
 from vlm_inspect.models.fast_paths import compile_slots, compiled_modules
-from vlm_inspect.models.tiny import build_processor, build_tokenizer
-from vlm_inspect.plan import Plan
-from vlm_inspect.predict import Predictor
+from vlm_inspect.training import loop, memory
+from vlm_inspect.training import model as training_model
+from vlm_inspect.training.plan import Plan
 
 SHAPES = {
     "7b": {
@@ -415,8 +418,8 @@ def qwen_processor() -> Any:
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
 
     from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer
+    from vlm_inspect.models.families.common import without_video
     from vlm_inspect.models.families.qwen2_5_vl import IMAGE_PARTS
-    from vlm_inspect.models.load import without_video
 
     template = chatml_template("<|vision_start|><|image_pad|><|vision_end|>", "You are a helpful assistant.")
     tok = chatml_tokenizer(IMAGE_PARTS, template)
@@ -673,28 +676,28 @@ def train_ours(
     cfg = TrainConfig(
         model="(in memory)", data=str(bench.data), out=str(bench.work / "run"), batch_size=batch, **settings
     )
-    model = trainer_module.apply_lora(bench.model, cfg)
+    model = training_model.apply_lora(bench.model, cfg, family_of_model(bench.model))
     dataset = bench.dataset()
-    real_budget = trainer_module.gpu_memory_gib
+    real_budget = memory.gpu_memory_gib
     if (
         budget_gib is not None and bench.device.type == "cuda"
     ):  # pretend the card has only this much memory, and hold the allocator to it
-        trainer_module.gpu_memory_gib = lambda device: budget_gib
+        memory.gpu_memory_gib = lambda device: budget_gib
         total = torch.cuda.get_device_properties(bench.device).total_memory / GIB
         torch.cuda.set_per_process_memory_fraction((budget_gib + 0.5) / total, bench.device)
     detail = {"settings": settings, "budget_gib": budget_gib, "checkpoint_layers": forced_layers}
     row = Row(work, setup, batch or 0, detail=detail)
     trainer = None
     try:
-        chosen, checkpointing = trainer_module.choose_batch_size(cfg, model, dataset, bench.device)
+        chosen, checkpointing = memory.choose_batch_size(cfg, model, dataset, bench.device)
         if forced_layers is not None:  # a fixed share of layers, to calibrate the memory estimate
             seq = max(dataset.lengths)
-            estimate = trainer_module.estimate_memory_gib(model, chosen, seq, forced_layers)
-            checkpointing = trainer_module.Checkpointing(forced_layers, checkpointing.total, estimate)
+            estimate = memory.estimate_memory_gib(model, chosen, seq, forced_layers)
+            checkpointing = memory.Checkpointing(forced_layers, checkpointing.total, estimate)
         row.batch = chosen
         steps = bench.warmup + bench.steps + (1 if bench.traces else 0)  # the traced step comes after the timed ones
         plan = Plan(len(dataset), 1, chosen, 1, len(dataset) // chosen, steps, 1.0, 0, 10**9)
-        trainer = trainer_module.build_trainer(
+        trainer = loop.build_trainer(
             cfg, bench.work / "run", model, dataset, collator(bench), plan, bench_dtype(bench), checkpointing, None
         )
         trainer.args.disable_tqdm = True
@@ -711,7 +714,7 @@ def train_ours(
         row.detail.update(
             checkpointing=str(checkpointing),
             estimate_gib=checkpointing.estimate_gib,
-            compiled=trainer_module.use_compile(cfg, bench.device, bench.family),
+            compiled=loop.use_compile(cfg, bench.device, bench.family),
             seq_tokens_max=max(dataset.lengths),
             first_steps_s=round(timer.times[bench.warmup - 1] - started, 1),
             workers=trainer.args.dataloader_num_workers,
@@ -719,7 +722,7 @@ def train_ours(
     except Exception as err:
         row.error = f"{type(err).__name__}: {err}"[:400]
         traceback.print_exc()
-    trainer_module.gpu_memory_gib = real_budget
+    memory.gpu_memory_gib = real_budget
     release(bench, model, trainer)
     return bench.record(row)
 
@@ -727,7 +730,7 @@ def train_ours(
 def undo_defaults(bench: Bench, trainer: Any, model: Any, undo: tuple[str, ...]) -> None:
     """Stock behaviour back for the named defaults (see `train_ours`)."""
     if "gc" in undo:
-        trainer.remove_callback(trainer_module.FreezeLongLivedObjects)
+        trainer.remove_callback(loop.FreezeLongLivedObjects)
     if "vision" in undo:
         base = model.get_base_model()
         base.enable_input_require_grads()
@@ -735,7 +738,7 @@ def undo_defaults(bench: Bench, trainer: Any, model: Any, undo: tuple[str, ...])
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = True
     if "vision_compile" in undo:
-        for parent, name in compile_slots(model)[: -len(trainer_module.language_layers(model))]:
+        for parent, name in compile_slots(model)[: -len(memory.language_layers(model))]:
             getattr(parent, name)._compiled_call_impl = None  # what Module.compile set
     if "bookkeeping" in undo:
         trainer.floating_point_ops = lambda inputs: Trainer.floating_point_ops(trainer, inputs)
@@ -866,12 +869,12 @@ def probe_rows(bench: Bench) -> None:
     bench.build_model() if bench.model is None else None
     for batch, ckpt in ((8, False), (8, True)):
         cfg = TrainConfig(model="-", data=str(bench.data), out=str(bench.work / "probe"), batch_size=batch)
-        model = trainer_module.apply_lora(bench.model, cfg)
+        model = training_model.apply_lora(bench.model, cfg, family_of_model(bench.model))
         dataset = bench.dataset()
-        total = len(trainer_module.language_layers(model))
-        checkpointing = trainer_module.Checkpointing(total if ckpt else 0, total)
+        total = len(memory.language_layers(model))
+        checkpointing = memory.Checkpointing(total if ckpt else 0, total)
         plan = Plan(len(dataset), 1, batch, 1, len(dataset) // batch, 100, 1.0, 0, 10**9)
-        trainer = trainer_module.build_trainer(
+        trainer = loop.build_trainer(
             cfg, bench.work / "probe", model, dataset, collator(bench), plan, bench_dtype(bench), checkpointing, None
         )
         row = Row(f"probe, batch {batch}", f"ours, checkpointing {'on' if ckpt else 'off'}", batch)
@@ -1224,7 +1227,7 @@ def qlora_rows(bench: Bench, only_ours: bool = False) -> None:
         (8, "ours (12.6 GB plan)", {"budget_gib": 12.6}),
         *([] if only_ours else [(1, "peer", {}), (8, "peer", {})]),
     ]
-    real_budget = trainer_module.gpu_memory_gib
+    real_budget = memory.gpu_memory_gib
     for batch, setup, settings in rows:
         if not bench.time_left():
             return
@@ -1248,7 +1251,7 @@ def qlora_rows(bench: Bench, only_ours: bool = False) -> None:
         except Exception as err:
             row.error = f"{type(err).__name__}: {err}"[:400]
             traceback.print_exc()
-        trainer_module.gpu_memory_gib = real_budget
+        memory.gpu_memory_gib = real_budget
         torch.cuda.set_per_process_memory_fraction(1.0, bench.device)
         del trainer, model
         gc.collect()
@@ -1258,10 +1261,10 @@ def qlora_rows(bench: Bench, only_ours: bool = False) -> None:
 
 
 def ours_qlora(bench: Bench, cfg: TrainConfig, row: Row, budget_gib: float) -> tuple[Any, Any, StepTimes, int]:
-    model, _ = trainer_module.build_model(cfg, torch.bfloat16, bench.device)
+    model, _ = training_model.build_model(cfg, torch.bfloat16, bench.device)
     row.detail["load_peak_gib"] = round(peak_gib(bench.device), 2)
     reset_peak(bench.device)  # the row's peak is the training peak; loading has its own above
-    trainer_module.gpu_memory_gib = lambda device: budget_gib  # a card of this size (restored by the caller)
+    memory.gpu_memory_gib = lambda device: budget_gib  # a card of this size (restored by the caller)
     total = torch.cuda.get_device_properties(bench.device).total_memory / GIB
     torch.cuda.set_per_process_memory_fraction((budget_gib + 0.5) / total, bench.device)
     inner = model.get_base_model().model
@@ -1274,9 +1277,9 @@ def ours_qlora(bench: Bench, cfg: TrainConfig, row: Row, budget_gib: float) -> t
     row.detail["lm_linear_class"] = type(inner.language_model.layers[0].mlp.down_proj.base_layer).__name__
     row.detail["weights_gib"] = round(torch.cuda.memory_allocated(bench.device) / GIB, 2)
     dataset = bench.dataset()
-    chosen, checkpointing = trainer_module.choose_batch_size(cfg, model, dataset, bench.device)
+    chosen, checkpointing = memory.choose_batch_size(cfg, model, dataset, bench.device)
     plan = Plan(len(dataset), 1, chosen, 1, len(dataset) // chosen, bench.warmup + bench.steps, 1.0, 0, 10**9)
-    trainer = trainer_module.build_trainer(
+    trainer = loop.build_trainer(
         cfg, bench.work / "qrun", model, dataset, collator(bench), plan, torch.bfloat16, checkpointing, None
     )
     row.detail.update(checkpointing=str(checkpointing), estimate_gib=checkpointing.estimate_gib)
@@ -1296,7 +1299,7 @@ def stock_qlora(bench: Bench, cfg: TrainConfig, batch: int) -> tuple[Any, Any, S
         cfg.model,
         dtype=torch.bfloat16,
         device=bench.device,
-        quantization_config=trainer_module._qlora_config(torch.bfloat16, bench.family),
+        quantization_config=training_model._qlora_config(torch.bfloat16, bench.family),
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     reset_peak(bench.device)

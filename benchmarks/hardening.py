@@ -78,7 +78,7 @@ def _start(predictor: StandIn) -> tuple[object, int]:
     import uvicorn
 
     from vlm_inspect.config import ServeConfig
-    from vlm_inspect.serve.app import create_app
+    from vlm_inspect.service.app import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -169,7 +169,7 @@ app()
 
 
 def _resume(tmp: Path) -> None:
-    from vlm_inspect.models.tiny import save_tiny_model
+    from vlm_inspect.models.families.llava import save_tiny_model
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     from conftest import write_spot_dataset

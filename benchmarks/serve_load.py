@@ -165,7 +165,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from vlm_inspect.models.tiny import save_tiny_model
+            from vlm_inspect.models.families.llava import save_tiny_model
 
             model = save_tiny_model(Path(tmp) / "tiny-llava", seed=0)
         for max_batch in (int(v) for v in args.max_batch.split(",")):

@@ -1,4 +1,6 @@
-"""Shared fixtures: the tiny LLaVA is built once per test session, never committed."""
+"""Shared fixtures: the tiny LLaVA, the spot dataset and trained runs, each built once per test session and
+never committed. Every test that trains (through the `trained_run` fixture) is marked `integration`, so plain
+`pytest` stays the seconds-long loop."""
 
 from __future__ import annotations
 
@@ -30,12 +32,14 @@ CHROMIUM_FLAGS = [
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LLaVA-1.5 in the llava-hf layout (model, tokenizer, processor)."""
-    from vlm_inspect.models.tiny import save_tiny_model
+    from vlm_inspect.models.families.llava import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llava", seed=0)
 
 
-def write_spot_dataset(out: Path, n: int = 16, size: tuple[int, int] = (80, 64)) -> Path:
+def write_spot_dataset(
+    out: Path, n: int = 16, size: tuple[int, int] = (80, 64), language: str = "en", product: str = "box"
+) -> Path:
     """A LLaVA-format dataset of light boxes, every other one with a dark spot (NG)."""
     import json
 
@@ -70,11 +74,53 @@ def write_spot_dataset(out: Path, n: int = 16, size: tuple[int, int] = (80, 64))
         )
     (out / "train.json").write_text(json.dumps(samples))
     (out / "val.json").write_text(json.dumps(samples[:4]))
-    (out / "manifest.json").write_text(json.dumps({"language": "en", "product": "box"}))
+    (out / "manifest.json").write_text(json.dumps({"language": language, "product": product}))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    """`tiny_model(family)`: that family's tiny random model folder, built once per session."""
+    from vlm_inspect.models.families import family_named
+
+    built: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in built:
+            built[family] = family_named(family).build_tiny(tmp_path_factory.mktemp("models") / family)
+        return built[family]
+
+    return make
 
 
 @pytest.fixture(scope="session")
 def spot_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 tiny labelled photos in the prepare output layout."""
     return write_spot_dataset(tmp_path_factory.mktemp("data") / "spots")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "trained_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, spot_dataset: Path):
+    """`trained_run(**settings)`: a run of the real `train` on the tiny LLaVA and the spot dataset, trained once
+    per session for each set of settings (fast LoRA defaults; e.g. `trained_run(method="full")`)."""
+    from vlm_inspect.config import TrainConfig
+    from vlm_inspect.train import train
+
+    runs: dict[tuple, Path] = {}
+    fast = {"lora_r": 8, "lora_alpha": 16, "lr": 1e-2, "projector_lr": 2e-3, "min_steps": 60, "augment": False}
+
+    def make(**settings) -> Path:
+        key = tuple(sorted(settings.items()))
+        if key not in runs:
+            out = tmp_path_factory.mktemp("runs") / "run"
+            cfg = TrainConfig(model=str(tiny_model_dir), data=str(spot_dataset), out=str(out), **{**fast, **settings})
+            runs[key] = train(cfg)
+        return runs[key]
+
+    return make

@@ -32,10 +32,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vlm_inspect.cli import app
-from vlm_inspect.config import PrepareConfig, ServeConfig
+from vlm_inspect.config import ModelSettings, PrepareConfig, ServeConfig
 from vlm_inspect.data import images as images_module
-from vlm_inspect.data.prepare import prepare
 from vlm_inspect.errors import DataError, ModelFolderError
+from vlm_inspect.prepare import prepare
 
 runner = CliRunner()
 GBK_NAME = os.fsdecode("坏图".encode("gbk")) + ".png"  # not UTF-8: surrogate-escaped by Python
@@ -482,9 +482,9 @@ def test_prepare_summary_prints_markup_names_literally(source: tuple[Path, Path]
 
 @pytest.fixture(scope="module")
 def predictor(tiny_model_dir: Path) -> Any:
-    from vlm_inspect.predict import Predictor
+    from vlm_inspect.inference import Predictor
 
-    return Predictor.load(tiny_model_dir, device="cpu")
+    return Predictor.load(ModelSettings(model=tiny_model_dir, device="cpu"))
 
 
 def _photo_folder(folder: Path) -> list[Path]:
@@ -500,7 +500,7 @@ def _photo_folder(folder: Path) -> list[Path]:
 def test_predict_corpus(
     suffix: str, tmp_path: Path, predictor: Any, tiny_model_dir: Path, watch: list[str], monkeypatch
 ) -> None:
-    from vlm_inspect.predict import Predictor
+    from vlm_inspect.inference import Predictor
 
     monkeypatch.setattr(Predictor, "load", classmethod(lambda cls, *a, **k: predictor))
     files = _photo_folder(tmp_path / "line")
@@ -537,7 +537,7 @@ def client(predictor: Any) -> Iterator[Any]:
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from vlm_inspect.serve.app import create_app
+    from vlm_inspect.service.app import create_app
 
     cfg = ServeConfig(model="tiny", max_batch=2, max_queue=64, request_timeout_s=60)
     with TestClient(create_app(predictor, cfg), raise_server_exceptions=False, base_url=LOOPBACK) as test_client:
@@ -566,7 +566,7 @@ def test_serve_corpus(kind: PhotoKind, client: Any, tmp_path: Path) -> None:
 
 
 def test_serve_decodes_at_most_max_batch_photos_at_once(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vlm_inspect.serve import app as serve_app
+    from vlm_inspect.service import app as serve_app
 
     running, peak, lock = [0], [0], threading.Lock()
 
@@ -617,7 +617,7 @@ def test_refused_pickle_is_a_model_folder_error(tiny_model_dir: Path, tmp_path: 
 _MEMORY_SCRIPT = """
 import sys
 from pathlib import Path
-from vlm_inspect.data.dataset import square_image
+from vlm_inspect.data.images import square_image
 from vlm_inspect.data.images import load_image
 from vlm_inspect.errors import DataError
 
@@ -671,8 +671,9 @@ def test_train_and_evaluate_refuse_llava_images_outside_the_folder(
 ) -> None:
     """`train` and `evaluate` read photos straight from a LLaVA JSON: one leading out of its folder is an error
     naming it, before any photo is opened."""
-    from vlm_inspect.data.dataset import dataset_paths, load_training_dataset
-    from vlm_inspect.evaluate.run import items_from_llava_json
+    from vlm_inspect.data.dataset import load_training_dataset
+    from vlm_inspect.data.sources import items_from_llava_json
+    from vlm_inspect.folders import DatasetFolder
 
     _, outside = source
     src = tmp_path / "src"
@@ -689,4 +690,5 @@ def test_train_and_evaluate_refuse_llava_images_outside_the_folder(
             read()
         assert "outside" in str(info.value)
     assert not [p for p in watch if "canary" in p]
-    assert dataset_paths(json_path) == (json_path, src)
+    opened = DatasetFolder.open(json_path)
+    assert (opened.train_json, opened.image_root) == (json_path, src)

@@ -14,23 +14,39 @@ from vlm_inspect.config import (
 from vlm_inspect.errors import ConfigError
 
 
-def test_every_field_has_a_docstring():
+def test_every_setting_of_every_verb_has_a_docstring_and_every_verb_a_summary():
+    import dataclasses
+
+    from vlm_inspect.cli import VERBS
+
+    for cls in VERBS.values():
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in docs]
+        assert missing == [], f"{cls.__name__} fields without help text: {missing}"
+        assert cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("), cls.__name__
+
+
+def test_the_model_settings_group_is_one_declaration_in_every_verb_that_runs_a_model():
     import dataclasses
 
     from vlm_inspect import config
 
-    station = [config.WatchConfig, config.ExportConfig, config.LabelConfig, config.PruneConfig]
-    for cls in [
-        config.PrepareConfig,
-        TrainConfig,
-        config.MergeConfig,
-        config.PredictConfig,
-        config.ServeConfig,
-        *station,
-    ]:
-        docs = field_docs(cls)
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in docs]
-        assert missing == [], f"{cls.__name__} fields without help text: {missing}"
+    group = [f.name for f in dataclasses.fields(config.ModelSettings)]
+    for cls in (config.PredictConfig, config.EvaluateConfig, config.ServeConfig, config.WatchConfig):
+        assert issubclass(cls, config.ModelSettings)
+        assert [f.name for f in dataclasses.fields(cls)][: len(group)] == group
+        assert field_docs(cls)["image_max_tokens"] == field_docs(config.ModelSettings)["image_max_tokens"]
+    cfg = config.WatchConfig(model="m", adapter="a", precision="bf16", image_max_tokens=64, folder="f")
+    assert cfg.model_settings() == config.ModelSettings("m", "a", 64, "auto", "bf16")
+
+
+@pytest.mark.parametrize("value", [-1, 0, 1, 15, 65_537])
+def test_the_image_budget_is_checked_alike_for_every_verb(value: int):
+    from vlm_inspect import config
+
+    assert config.image_budget_problems(value)
+    assert config.PredictConfig(model="m", image_max_tokens=value).model_problems()
+    assert not config.image_budget_problems(16) and not config.image_budget_problems(None)
 
 
 def test_layers_yaml_then_overrides_then_explicit(tmp_path: Path):

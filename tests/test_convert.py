@@ -24,13 +24,13 @@ from transformers import (
 )
 from typer.testing import CliRunner
 
+from helpers import llava_prompt as render_prompt
 from vlm_inspect.cli import app
 from vlm_inspect.config import ConvertConfig
+from vlm_inspect.convert import convert, grow_rows
 from vlm_inspect.errors import ConfigError, ModelFolderError, OutputExistsError
 from vlm_inspect.models.adapter import attach_adapter
-from vlm_inspect.models.convert import convert, grow_rows
-from vlm_inspect.models.template import render_prompt
-from vlm_inspect.models.tiny import build_tokenizer
+from vlm_inspect.models.families.common import build_tokenizer
 
 ORIGINAL_VOCAB = 600  # the tiny tokenizer's vocabulary before <pad> and <image> are added
 QUESTION = "Is the box OK or defective?"

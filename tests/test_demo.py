@@ -17,7 +17,8 @@ def test_demo_fast_runs_prepare_train_evaluate(tmp_path: Path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--fast", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert " ".join(result.output.split()).count("ROC AUC") == 1  # the results table once, from evaluate
+    shown = " ".join(result.output.split())
+    assert shown.count("ROC AUC") == 1 and shown.count("report: ") == 1  # the results and the report, once each
     results = json.loads((out / "report" / "results.json").read_text())
     assert results["data"]["n_images"] == FAST.test_ok + FAST.test_ng
     assert set(results["metrics"]) == {"base", "tuned"}

@@ -9,31 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from vlm_inspect.config import EvaluateConfig
+from helpers import make_run
+from vlm_inspect import evaluate as ev
+from vlm_inspect.config import EvaluateConfig, ModelSettings
 from vlm_inspect.errors import ConfigError, DataError, OutputExistsError
-from vlm_inspect.evaluate import run as ev
-from vlm_inspect.evaluate.report import write_report
+from vlm_inspect.evaluation.report import write_report
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder like train's: adapter/ with random (non-zero) LoRA weights, and metrics.jsonl."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from vlm_inspect.models.load import load_model
-
-    run = tmp_path_factory.mktemp("runs") / "run"
-    torch.manual_seed(0)
-    model = load_model(tiny_model_dir, dtype="fp32", device="cpu")
-    # init_lora_weights=False makes B non-zero, so the tuned model really differs from the base.
-    lora = LoraConfig(
-        r=4, lora_alpha=64, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False
-    )
-    get_peft_model(model, lora).save_pretrained(run / "adapter")
+def lora_run(tiny_model_dir: Path, spot_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder like train's, made without training, with metrics.jsonl (a summary row and a torn last line)."""
     rows = [{"step": s, "loss": 3.0 / s, "lr": 1e-4} for s in range(1, 11)] + [{"train_runtime": 1.0}]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 11, "lo')
-    return run
+    metrics = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 11, "lo'
+    return make_run(tmp_path_factory.mktemp("runs") / "run", tiny_model_dir, spot_dataset, metrics=metrics)
 
 
 def cfg_for(**values) -> EvaluateConfig:
@@ -256,11 +244,11 @@ def test_evaluate_end_to_end_on_tiny_model(tiny_model_dir: Path, lora_run: Path,
 def test_base_scores_match_a_plain_base_predictor(tiny_model_dir: Path, lora_run: Path, spot_dataset: Path):
     """The 'before' column is the base model itself: the adapter switched off gives its exact scores."""
     from vlm_inspect.data.images import load_image
-    from vlm_inspect.predict import Predictor
+    from vlm_inspect.inference import Predictor
 
     images = [load_image(i.path) for i in ev.load_items(spot_dataset)[0]]
-    plain = Predictor.load(tiny_model_dir, device="cpu").score(images, "Is it OK?")
-    tuned = Predictor.load(tiny_model_dir, adapter=lora_run, device="cpu")
+    plain = Predictor.load(ModelSettings(model=tiny_model_dir, device="cpu")).score(images, "Is it OK?")
+    tuned = Predictor.load(ModelSettings(model=tiny_model_dir, adapter=lora_run, device="cpu"))
     with tuned.adapter_disabled():
         switched_off = tuned.score(images, "Is it OK?")
     assert switched_off == pytest.approx(plain, abs=1e-5)

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from vlm_inspect.cli import app
-from vlm_inspect.models.family import all_families
+from vlm_inspect.config import ModelSettings
+from vlm_inspect.models.families import all_families
 
 LOOPBACK = "http://127.0.0.1:8000"  # serve answers only loopback Host names on a loopback bind
 
@@ -67,16 +68,16 @@ def test_train_lowers_the_loss_and_saves_the_budget(family_run):
 
 
 def test_adapter_changes_lora_and_projector_and_off_is_the_base(family_run, photos):
+    from vlm_inspect.inference import Predictor
     from vlm_inspect.models.chat import prompt
-    from vlm_inspect.models.family import family_named
-    from vlm_inspect.predict import Predictor
+    from vlm_inspect.models.families import family_named
 
     name, model, run = family_run
     adapter = load_file(run / "adapter" / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
     assert any(family_named(name).projector in k for k in adapter)  # the projector trained beside LoRA
-    tuned = Predictor.load(model, run, device="cpu")
-    base = Predictor.load(model, device="cpu", image_max_tokens=64)
+    tuned = Predictor.load(ModelSettings(model=model, adapter=run, device="cpu"))
+    base = Predictor.load(ModelSettings(model=model, device="cpu", image_max_tokens=64))
     inputs = tuned._inputs(photos[:2], [prompt(tuned.processor, "Is this box OK or NG?")] * 2)
     with torch.no_grad(), tuned.adapter_disabled():
         off = tuned.model(**inputs).logits
@@ -86,22 +87,22 @@ def test_adapter_changes_lora_and_projector_and_off_is_the_base(family_run, phot
 
 
 def test_batched_scores_equal_one_by_one(family_run, photos):
-    from vlm_inspect.predict import Predictor
+    from vlm_inspect.inference import Predictor
 
     _, model, run = family_run
-    predictor = Predictor.load(model, run, device="cpu")
+    predictor = Predictor.load(ModelSettings(model=model, adapter=run, device="cpu"))
     batched = predictor.score(photos, "Is this box OK or NG?", batch_size=6)
     assert [predictor.score([im], "Is this box OK or NG?")[0] for im in photos] == pytest.approx(batched, abs=1e-5)
 
 
 def test_merge_answers_like_the_adapter(family_run, photos, tmp_path: Path):
-    from vlm_inspect.predict import Predictor
+    from vlm_inspect.inference import Predictor
 
     _, model, run = family_run
     out = tmp_path / "merged"
     cli("merge", "--model", str(model), "--adapter", str(run), "--out", str(out), "--dtype", "fp32")
-    merged = Predictor.load(out, device="cpu")
-    tuned = Predictor.load(model, run, device="cpu")
+    merged = Predictor.load(ModelSettings(model=out, device="cpu"))
+    tuned = Predictor.load(ModelSettings(model=model, adapter=run, device="cpu"))
     assert merged.processor.image_processor.to_dict() == tuned.processor.image_processor.to_dict()
     assert merged.score(photos, "Is this box OK or NG?") == pytest.approx(
         tuned.score(photos, "Is this box OK or NG?"), abs=1e-4
@@ -111,9 +112,9 @@ def test_merge_answers_like_the_adapter(family_run, photos, tmp_path: Path):
 def test_predict_evaluate_and_serve_answer(family_run, spot_dataset: Path, tmp_path: Path):
     from fastapi.testclient import TestClient
 
-    from vlm_inspect.config import ServeConfig
-    from vlm_inspect.predict import Predictor
-    from vlm_inspect.serve.app import create_app
+    from vlm_inspect.config import ModelSettings, ServeConfig
+    from vlm_inspect.inference import Predictor
+    from vlm_inspect.service.app import create_app
 
     _, model, run = family_run
     preds = tmp_path / "p.jsonl"
@@ -138,7 +139,10 @@ def test_predict_evaluate_and_serve_answer(family_run, spot_dataset: Path, tmp_p
     uri = "data:image/png;base64," + base64.b64encode(photo).decode()
     chat = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}]}]}
     with TestClient(
-        create_app(Predictor.load(model, run, device="cpu"), ServeConfig(model=str(model))), base_url=LOOPBACK
+        create_app(
+            Predictor.load(ModelSettings(model=model, adapter=run, device="cpu")), ServeConfig(model=str(model))
+        ),
+        base_url=LOOPBACK,
     ) as client:
         answer = client.post("/v1/inspect", files={"file": ("a.png", photo, "image/png")}).json()
         assert answer["verdict"] in ("OK", "NG") and 0 <= answer["p_ng"] <= 1
@@ -151,15 +155,15 @@ def full_model(request, tmp_path_factory: pytest.TempPathFactory, spot_dataset: 
     """All weights of the family's tiny model trained: it learns the answer format in a few dozen steps."""
     root = tmp_path_factory.mktemp(f"full-{request.param}")
     cli("tiny-model", str(root / "model"), "--family", request.param)
-    args = ["method=full", "lr=1e-3", "projector_lr=1e-3", "min_steps=60", "augment=false", "image_max_tokens=64"]
+    args = ["method=full", "lr=3e-3", "projector_lr=3e-3", "min_steps=60", "augment=false", "image_max_tokens=64"]
     cli("train", "--model", str(root / "model"), "--data", str(spot_dataset), "--out", str(root / "run"), *args)
     return root / "run" / "model"
 
 
 def test_described_verdict_agrees_with_the_score(full_model: Path, photos):
-    from vlm_inspect.predict import Predictor
+    from vlm_inspect.inference import Predictor
 
-    predictor = Predictor.load(full_model, device="cpu")
+    predictor = Predictor.load(ModelSettings(model=full_model, device="cpu"))
     question = "Is this box OK or NG?"  # the spot dataset's training question
     p_ng = predictor.score(photos, question, batch_size=6)
     answers = predictor.describe(photos, question, max_new_tokens=3, batch_size=6)
@@ -174,8 +178,8 @@ def test_qlora_keeps_each_familys_vision_tower_and_projector_unquantized(name: s
         pytest.skip("needs CUDA")
     pytest.importorskip("bitsandbytes")
     from vlm_inspect.config import TrainConfig
-    from vlm_inspect.models.family import family_named
-    from vlm_inspect.trainer import build_model
+    from vlm_inspect.models.families import family_named
+    from vlm_inspect.training.model import build_model
 
     family = family_named(name)
     model_dir = family.build_tiny(tmp_path / "m")

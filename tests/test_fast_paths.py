@@ -11,22 +11,23 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import LlavaForConditionalGeneration, Trainer, TrainingArguments
 
-from vlm_inspect import trainer as trainer_module
-from vlm_inspect.config import TrainConfig
+from helpers import llava_prompt as render_prompt
+from vlm_inspect.config import ModelSettings, TrainConfig
 from vlm_inspect.data.dataset import Collator, load_training_dataset
-from vlm_inspect.models.family import family_named
+from vlm_inspect.inference import Predictor
+from vlm_inspect.models.families import family_named, family_of_model
 from vlm_inspect.models.load import load_processor
-from vlm_inspect.models.template import render_prompt
-from vlm_inspect.predict import Predictor
-from vlm_inspect.trainer import (
+from vlm_inspect.training import loop, memory
+from vlm_inspect.training import model as training_model
+from vlm_inspect.training.loop import InspectTrainer
+from vlm_inspect.training.memory import (
     Checkpointing,
-    InspectTrainer,
     apply_checkpointing,
-    apply_lora,
     choose_batch_size,
     estimate_memory_gib,
     optimizer_name,
 )
+from vlm_inspect.training.model import apply_lora
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def lora_model(tiny_model_dir: Path) -> torch.nn.Module:
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir).requires_grad_(False)
     cfg = TrainConfig(model=str(tiny_model_dir), data="-", out="-", lora_r=8, lora_alpha=16)
-    model = apply_lora(model, cfg)
+    model = apply_lora(model, cfg, family_of_model(model))
     with torch.no_grad():  # B starts at zero; give the adapter something to say
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -95,7 +96,7 @@ def test_partial_checkpointing_gives_the_same_gradients(tiny_model_dir: Path, ba
     for recomputed in (0, 1):
         model = lora_model(tiny_model_dir)
         apply_checkpointing(model, Checkpointing(recomputed, 2))
-        flags = [layer.gradient_checkpointing for layer in trainer_module.language_layers(model)]
+        flags = [layer.gradient_checkpointing for layer in memory.language_layers(model)]
         assert flags == [True, False][:recomputed] + [False] * (2 - recomputed)
         count = (batch["labels"][:, 1:] != -100).sum()
         trainer_for(model, tmp_path).compute_loss(model, dict(batch), num_items_in_batch=count).backward()
@@ -125,7 +126,7 @@ def test_checkpointing_leaves_the_frozen_vision_tower_out_of_the_backward(tiny_m
     loss = model(**batch).loss
     assert seen and not any(seen)
     assert not any(m.gradient_checkpointing for m in vision_layers)
-    assert all(layer.gradient_checkpointing for layer in trainer_module.language_layers(model))
+    assert all(layer.gradient_checkpointing for layer in memory.language_layers(model))
     loss.backward()  # LoRA and projector still get gradients
     grads = lora_grads(model)
     assert any("lora_A" in n for n in grads) and any("multi_modal_projector" in n for n in grads)
@@ -145,7 +146,7 @@ def test_flop_estimate_is_the_stock_one_with_the_weights_counted_once(tiny_model
 def test_objects_alive_at_the_start_and_after_step_one_skip_the_collector_until_training_ends():
     from transformers import TrainerState
 
-    callback, state = trainer_module.FreezeLongLivedObjects(), TrainerState()
+    callback, state = loop.FreezeLongLivedObjects(), TrainerState()
     callback.on_train_begin(None, state, None)
     at_start = gc.get_freeze_count()
     model_made_in_step_one = [torch.nn.Linear(2, 2) for _ in range(50)]
@@ -171,7 +172,7 @@ def test_qlora_skip_list_keeps_vision_and_projector_in_16_bits(tiny_model_dir: P
 
 def test_qlora_trainable_weights_are_kept_in_the_compute_dtype(tiny_model_dir: Path):
     model = lora_model(tiny_model_dir)
-    trainer_module.keep_adapter_in(model, torch.bfloat16)
+    training_model.keep_adapter_in(model, torch.bfloat16)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.bfloat16 for p in trainable)
     assert all(p.dtype == torch.float32 for p in model.parameters() if not p.requires_grad)
@@ -196,7 +197,7 @@ def meta_7b() -> torch.nn.Module:
         model = LlavaForConditionalGeneration._from_config(
             LlavaConfig(vision_config=vision, text_config=text), dtype=torch.bfloat16
         )
-    return apply_lora(model.requires_grad_(False), TrainConfig(model="-", data="-", out="-"))
+    return apply_lora(model.requires_grad_(False), TrainConfig(model="-", data="-", out="-"), family_named("llava"))
 
 
 class SevenBData:
@@ -211,7 +212,7 @@ def test_memory_plan_for_the_7b_shape(monkeypatch, card_gib: float, batch: int, 
     """A 24 GB card trains LoRA at batch 8 with no flags by recomputing (nearly) every layer; an 80 GB card
     keeps every layer's activations. Estimates are calibrated against benchmarks/gpu.py on an H100."""
     model = meta_7b()
-    monkeypatch.setattr(trainer_module, "gpu_memory_gib", lambda device: card_gib - 0.5)
+    monkeypatch.setattr(memory, "gpu_memory_gib", lambda device: card_gib - 0.5)
     cfg = TrainConfig(model="-", data="-", out="-")
     chosen, checkpointing = choose_batch_size(cfg, model, SevenBData(), torch.device("cuda"))
     assert chosen == batch and checkpointing.total == 32
@@ -249,7 +250,7 @@ def photos() -> list[Image.Image]:
 def test_greedy_decoder_gives_the_tokens_of_generate(tiny_model_dir: Path, device: str):
     """Prompts of different lengths (left padding) give the same answers as transformers' generate;
     on CUDA through the compiled prefill, the compiled step with stacked projections, and its CUDA graph."""
-    predictor = Predictor.load(tiny_model_dir, device=device, dtype="fp32")
+    predictor = Predictor.load(ModelSettings(model=tiny_model_dir, device=device, precision="fp32"))
     prompts = [render_prompt(q) for q in ("Is this box OK or NG?", "Describe.", "Any defects on the box, top or left?")]
     ours = predictor.generate(photos(), prompts, max_new_tokens=12)
     inputs = predictor._inputs(photos(), prompts)
@@ -270,7 +271,7 @@ def test_compiled_modules_give_the_same_logits_and_are_swapped_back(tiny_model_d
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda module, **kw: real_compile(module, backend="eager", **kw))
-    predictor = Predictor.load(tiny_model_dir, device="cpu", dtype="fp32")
+    predictor = Predictor.load(ModelSettings(model=tiny_model_dir, device="cpu", precision="fp32"))
     inputs = predictor._inputs(photos(), [render_prompt("Is this box OK or NG?")] * 3)
     slots = predict_module.compile_slots(predictor.model, prefill=prefill)
     text = predictor.model.config.text_config
@@ -299,7 +300,7 @@ def test_stacked_projections_give_the_same_outputs_in_one_matmul_when_compiled(t
 
     from vlm_inspect.models import fast_paths as predict_module
 
-    predictor = Predictor.load(tiny_model_dir, device="cpu", dtype="fp32")
+    predictor = Predictor.load(ModelSettings(model=tiny_model_dir, device="cpu", precision="fp32"))
     layer = predictor.model.model.language_model.layers[0]
     x = torch.randn(2, 1, predictor.model.config.text_config.hidden_size)
     scores = predictor.score(photos())
@@ -342,7 +343,7 @@ def test_stacked_projections_give_the_same_outputs_in_one_matmul_when_compiled(t
 def test_warm_up_leaves_nothing_to_compile_for_the_first_requests(tiny_model_dir: Path):
     """After `warm_up`, scores at other batch sizes and a describe add no compiled wrapper or decoder."""
     torch._dynamo.reset()  # as in a fresh server process: no shapes seen by the tests before
-    predictor = Predictor.load(tiny_model_dir, device="cuda", dtype="fp32")
+    predictor = Predictor.load(ModelSettings(model=tiny_model_dir, device="cuda", precision="fp32"))
     predictor.warm_up(max_batch=4, max_new_tokens=8)
     compiled, decoders = dict(predictor._compiled), list(predictor._decoders)
     assert compiled and decoders

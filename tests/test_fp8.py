@@ -10,13 +10,15 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from vlm_inspect import trainer as trainer_module
-from vlm_inspect.config import TrainConfig
+from vlm_inspect.config import ModelSettings, TrainConfig
 from vlm_inspect.errors import ConfigError
+from vlm_inspect.inference import Predictor
 from vlm_inspect.models import fp8
+from vlm_inspect.models.families import family_of_model
 from vlm_inspect.models.fp8 import Fp8Linear, dequantize, quantize_rows, to_fp8
-from vlm_inspect.predict import Predictor
 from vlm_inspect.train import validate
+from vlm_inspect.training import memory
+from vlm_inspect.training import model as training_model
 
 E4M3_RELATIVE_STEP = 2.0**-3  # 3 mantissa bits: neighbours differ by at most 1/8 of the smaller
 
@@ -44,7 +46,9 @@ def test_fp8_is_refused_on_the_cpu_with_a_clear_message(tiny_model_dir: Path):
     ok, reason = fp8.fp8_supported("cpu")
     assert not ok and "CUDA GPU" in reason and "CPU" in reason
     with pytest.raises(ConfigError, match=r"precision: fp8 needs a CUDA GPU .* use precision=bf16"):
-        Predictor.load(tiny_model_dir, device="cpu", dtype="fp8")  # refused before the weights load
+        Predictor.load(
+            ModelSettings(model=tiny_model_dir, device="cpu", precision="fp8")
+        )  # refused before the weights load
     model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir).requires_grad_(False)
     with pytest.raises(ConfigError, match="fp8 needs a CUDA GPU"):
         to_fp8(model)
@@ -92,7 +96,7 @@ def lora_tiny(tiny_model_dir: Path, fp8_first: bool) -> torch.nn.Module:
     model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir).requires_grad_(False)
     cfg = TrainConfig(model=str(tiny_model_dir), data="-", out="-", lora_r=8, lora_alpha=16)
     converted = to_fp8(model) if fp8_first else 0
-    model = trainer_module.apply_lora(model, cfg)
+    model = training_model.apply_lora(model, cfg, family_of_model(model))
     converted += 0 if fp8_first else to_fp8(model)
     layers = len(model.get_base_model().model.language_model.layers)
     assert converted == 7 * layers
@@ -120,15 +124,15 @@ def test_lora_attaches_to_fp8_layers_and_only_lora_and_projector_train(
 def test_the_memory_plan_counts_fp8_weights_at_one_byte_and_recomputes_fewer_layers(fp8_allowed, monkeypatch):
     from test_fast_paths import SevenBData, meta_7b
 
-    monkeypatch.setattr(trainer_module, "gpu_memory_gib", lambda device: 23.6 - 0.5)
+    monkeypatch.setattr(memory, "gpu_memory_gib", lambda device: 23.6 - 0.5)
     cfg = TrainConfig(model="-", data="-", out="-")
     model = meta_7b()
-    before = trainer_module.estimate_memory_gib(model, 8, 640, 32)
-    _, bf16_plan = trainer_module.choose_batch_size(cfg, model, SevenBData(), torch.device("cuda"))
+    before = memory.estimate_memory_gib(model, 8, 640, 32)
+    _, bf16_plan = memory.choose_batch_size(cfg, model, SevenBData(), torch.device("cuda"))
     assert to_fp8(model) == 7 * 32
-    after = trainer_module.estimate_memory_gib(model, 8, 640, 32)
+    after = memory.estimate_memory_gib(model, 8, 640, 32)
     assert before - after == pytest.approx(6.2, abs=0.2)  # 6.5 B language-model weights, 1 byte instead of 2
-    chosen, fp8_plan = trainer_module.choose_batch_size(cfg, model, SevenBData(), torch.device("cuda"))
+    chosen, fp8_plan = memory.choose_batch_size(cfg, model, SevenBData(), torch.device("cuda"))
     assert chosen == 8 and fp8_plan.layers <= bf16_plan.layers - 8
 
 
@@ -136,8 +140,10 @@ def test_predictor_in_fp8_scores_like_bf16(tiny_model_dir: Path, fp8_allowed):
     from PIL import Image
 
     images = [Image.new("RGB", (48, 40), color) for color in ("white", "gray", "black")]
-    bf16 = Predictor.load(tiny_model_dir, device="cpu", dtype="bf16").score(images, batch_size=3)
-    quantized = Predictor.load(tiny_model_dir, device="cpu", dtype="fp8")
+    bf16 = Predictor.load(ModelSettings(model=tiny_model_dir, device="cpu", precision="bf16")).score(
+        images, batch_size=3
+    )
+    quantized = Predictor.load(ModelSettings(model=tiny_model_dir, device="cpu", precision="fp8"))
     assert sum(isinstance(m, Fp8Linear) for m in quantized.model.modules()) == 14
     assert max(abs(a - b) for a, b in zip(quantized.score(images, batch_size=3), bf16, strict=True)) < 0.05
 

@@ -15,14 +15,15 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from typer.testing import CliRunner
 
 import vlm_inspect.merge as merge_module
+from helpers import llava_prompt as render_prompt
+from helpers import make_run
 from vlm_inspect.cli import app
 from vlm_inspect.config import MergeConfig, TrainConfig, save_config
 from vlm_inspect.errors import ConfigError, ModelFolderError, OutputExistsError
 from vlm_inspect.merge import merge, probe_inputs
 from vlm_inspect.models.adapter import attach_adapter
-from vlm_inspect.models.family import family_named
+from vlm_inspect.models.families import family_named
 from vlm_inspect.models.load import load_model, load_processor
-from vlm_inspect.models.template import render_prompt
 
 LANGUAGE_LINEARS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 QUESTION = "Is the box OK or defective?"
@@ -39,7 +40,7 @@ def box_photo(defect: bool) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A prepare-style dataset folder: train.json with images relative to it."""
+    """A prepare-style dataset folder: train.json (images relative to it) and its manifest."""
     folder = tmp_path_factory.mktemp("data") / "boxes"
     (folder / "images").mkdir(parents=True)
     records = []
@@ -50,21 +51,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
         conversation = [{"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": answer}]
         records.append({"id": str(i), "image": name, "conversations": conversation})
     (folder / "train.json").write_text(json.dumps(records))
-    return folder
-
-
-def make_run(folder: Path, base: Path, data: Path | str, method: str = "lora", seed: int = 0) -> Path:
-    """A run folder as `train` writes it: adapter/ (LoRA + projector) and the resolved config.yaml."""
-    model = LlavaForConditionalGeneration.from_pretrained(base)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_LINEARS, modules_to_save=["multi_modal_projector"])
-    tuned = get_peft_model(model, config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # stand-in for training: every trained tensor moves away from its start
-        for name, p in tuned.named_parameters():
-            if "lora_B" in name or ".modules_to_save." in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    tuned.save_pretrained(folder / "adapter")
-    save_config(TrainConfig(model=str(base), data=str(data), out=str(folder), method=method), folder)  # type: ignore[arg-type]
+    (folder / "manifest.json").write_text(json.dumps({"language": "en", "product": "box"}))
     return folder
 
 
@@ -169,13 +156,13 @@ def test_qlora_run_is_merged_onto_the_unquantized_base(tmp_path: Path, tiny_mode
 
 def test_probes_come_from_the_run_dataset_else_a_drawn_image(dataset: Path, tmp_path: Path, tiny_model_dir: Path):
     processor = load_processor(tiny_model_dir)
-    probes = probe_inputs({"data": str(dataset)}, processor)
+    probes = probe_inputs(TrainConfig(data=str(dataset)), processor)
     assert len(probes.images) == 2 and "train.json" in probes.source
     assert probes.texts[0] == (
         f"USER: <image>\n{QUESTION} ASSISTANT: NG. There is a black spot near the top left corner of the box.</s>"
     )
-    assert probe_inputs({"data": str(dataset / "train.json")}, processor).texts == probes.texts
-    for config in ({}, {"data": str(tmp_path / "moved-away")}):
+    assert probe_inputs(TrainConfig(data=str(dataset / "train.json")), processor).texts == probes.texts
+    for config in (None, TrainConfig(data=str(tmp_path / "moved-away"))):
         fallback = probe_inputs(config, processor)
         assert fallback.texts == [render_prompt("Is this product OK or NG?")] and "drawn" in fallback.source
 

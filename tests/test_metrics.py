@@ -7,7 +7,7 @@ import json
 import pytest
 
 from vlm_inspect.errors import DataError
-from vlm_inspect.evaluate import metrics as m
+from vlm_inspect.evaluation import metrics as m
 
 # Hand-worked set: 3 NG, 2 OK. At threshold 0.5 the NG at 0.2 escapes and the OK at 0.7 is overkill.
 LABELS = ["NG", "NG", "NG", "OK", "OK"]

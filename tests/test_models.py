@@ -6,10 +6,11 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from helpers import llava_prompt as render_prompt
 from vlm_inspect.errors import ModelFolderError
+from vlm_inspect.models.families.common import build_tokenizer
+from vlm_inspect.models.families.llava import build_tiny_model, save_tiny_model
 from vlm_inspect.models.load import load_model, load_processor
-from vlm_inspect.models.template import render_prompt
-from vlm_inspect.models.tiny import build_tiny_model, build_tokenizer, save_tiny_model
 
 
 def test_tiny_model_round_trips_through_plain_transformers(tiny_model_dir: Path):
@@ -83,11 +84,12 @@ def test_loader_errors_name_the_problem(tmp_path: Path, tiny_model_dir: Path):
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3"])
 def test_a_processor_that_drops_a_side_input_is_refused(name: str, tmp_path: Path):
     """Without Qwen2.5-VL's mm_token_type_ids or Gemma 3's token_type_ids the logits change silently: refuse."""
-    from vlm_inspect.models.family import family_named
-    from vlm_inspect.predict import Predictor
+    from vlm_inspect.config import ModelSettings
+    from vlm_inspect.inference import Predictor
+    from vlm_inspect.models.families import family_named
 
     family = family_named(name)
-    predictor = Predictor.load(family.build_tiny(tmp_path / name), device="cpu")
+    predictor = Predictor.load(ModelSettings(model=family.build_tiny(tmp_path / name), device="cpu"))
     photo = Image.new("RGB", (64, 48), "white")
     assert len(predictor.score([photo], "Is it OK?")) == 1
     real = predictor.processor.__call__

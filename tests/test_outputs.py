@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import write_spot_dataset
 from vlm_inspect.cli import app
 from vlm_inspect.errors import OutputExistsError
 from vlm_inspect.outputs import (
@@ -32,7 +33,7 @@ def _foreign(folder: Path) -> Path:
 
 def test_train_overwrite_of_the_working_directory_deletes_nothing(tmp_path: Path, monkeypatch, tiny_model_dir: Path):
     work = _foreign(tmp_path / "work")
-    (work / "ds").mkdir()
+    write_spot_dataset(work / "ds")
     monkeypatch.chdir(work)
     missing = runner.invoke(app, ["train", "--model", "/nonexistent", "--data", "ds", "--out", ".", "--overwrite"])
     assert missing.exit_code == 1 and "/nonexistent" in missing.output

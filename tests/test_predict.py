@@ -11,47 +11,22 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vlm_inspect.cli import app
-from vlm_inspect.config import TrainConfig
+from vlm_inspect.config import ModelSettings
 from vlm_inspect.errors import ModelFolderError
-from vlm_inspect.predict import Predictor, verdict_token_ids
-from vlm_inspect.train import train
+from vlm_inspect.inference import Predictor, verdict_token_ids
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, spot_dataset: Path) -> Path:
-    run = tmp_path_factory.mktemp("predict") / "run"
-    cfg = TrainConfig(
-        model=str(tiny_model_dir),
-        data=str(spot_dataset),
-        out=str(run),
-        lora_r=8,
-        lora_alpha=16,
-        lr=1e-2,
-        projector_lr=2e-3,
-        lora_dropout=0.0,
-        min_steps=60,
-        augment=False,
-    )
-    return train(cfg)
+def lora_run(trained_run) -> Path:
+    return trained_run()
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, spot_dataset: Path) -> Path:
+def full_run(trained_run) -> Path:
     """All weights trained: the tiny model learns the answer format in a few dozen steps."""
-    run = tmp_path_factory.mktemp("predict") / "full"
-    cfg = TrainConfig(
-        model=str(tiny_model_dir),
-        data=str(spot_dataset),
-        out=str(run),
-        method="full",
-        lr=1e-3,
-        projector_lr=1e-3,
-        min_steps=80,
-        augment=False,
-    )
-    return train(cfg) / "model"
+    return trained_run(method="full", lr=1e-3, projector_lr=1e-3, min_steps=80) / "model"
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +35,7 @@ def photos(spot_dataset: Path) -> list[Image.Image]:
 
 
 def test_score_and_describe_agree_on_the_verdict(full_run: Path, photos: list):
-    predictor = Predictor.load(full_run, device="cpu")
+    predictor = Predictor.load(ModelSettings(model=full_run, device="cpu"))
     question = "Is this box OK or NG?"  # the spot dataset's training question
     p_ng = predictor.score(photos, question, batch_size=5)
     answers = predictor.describe(photos, question, max_new_tokens=3, batch_size=5)
@@ -72,9 +47,9 @@ def test_score_and_describe_agree_on_the_verdict(full_run: Path, photos: list):
     assert one_by_one == pytest.approx(p_ng[:3], abs=1e-5)
 
 
-def test_base_scores_come_from_the_same_weights(tiny_model_dir: Path, trained_run: Path, photos: list):
-    tuned = Predictor.load(tiny_model_dir, trained_run, device="cpu")
-    base = Predictor.load(tiny_model_dir, device="cpu")
+def test_base_scores_come_from_the_same_weights(tiny_model_dir: Path, lora_run: Path, photos: list):
+    tuned = Predictor.load(ModelSettings(model=tiny_model_dir, adapter=lora_run, device="cpu"))
+    base = Predictor.load(ModelSettings(model=tiny_model_dir, device="cpu"))
     with tuned.adapter_disabled():
         off = tuned.score(photos[:4], "Is it OK?")
     assert off == pytest.approx(base.score(photos[:4], "Is it OK?"), abs=1e-6)
@@ -91,7 +66,7 @@ def test_verdict_tokens_differ_and_are_found(tiny_model_dir: Path):
 
 
 def test_predict_verb_writes_a_row_per_image_and_reports_bad_files(
-    tmp_path: Path, tiny_model_dir: Path, trained_run: Path, spot_dataset: Path
+    tmp_path: Path, tiny_model_dir: Path, lora_run: Path, spot_dataset: Path
 ):
     folder = tmp_path / "line"
     (folder / "sub").mkdir(parents=True)
@@ -99,7 +74,7 @@ def test_predict_verb_writes_a_row_per_image_and_reports_bad_files(
         (folder / "sub" / f"p{i}.png").write_bytes(src.read_bytes())
     (folder / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "preds.jsonl"
-    args = ["predict", str(folder), "--model", str(tiny_model_dir), "--adapter", str(trained_run), "--out", str(out)]
+    args = ["predict", str(folder), "--model", str(tiny_model_dir), "--adapter", str(lora_run), "--out", str(out)]
     result = runner.invoke(app, [*args, "--describe", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]

@@ -18,9 +18,10 @@ from vlm_inspect.cli import app
 from vlm_inspect.config import PrepareConfig
 from vlm_inspect.data.llava_json import read_llava_json
 from vlm_inspect.data.mvtec import mask_boxes
-from vlm_inspect.data.prepare import collect_images, few_val_caveat, prepare, stratified_split
 from vlm_inspect.data.prompts import load_prompts
+from vlm_inspect.data.sources import collect_images
 from vlm_inspect.errors import ConfigError, DataError, OutputExistsError
+from vlm_inspect.prepare import few_val_caveat, prepare, stratified_split
 
 # ---------------------------------------------------------------- helpers
 

@@ -15,8 +15,8 @@ from PIL import Image
 
 from conftest import CHROMIUM, CHROMIUM_FLAGS
 from vlm_inspect.errors import DataError
-from vlm_inspect.evaluate.metrics import score_metrics
-from vlm_inspect.evaluate.report import write_report
+from vlm_inspect.evaluation.metrics import score_metrics
+from vlm_inspect.evaluation.report import write_report
 
 QUESTIONS = [
     {"id": "q0", "text": "Is this box OK or NG?", "kind": "training", "default": True},

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from transformers import Trainer
 
+from conftest import write_spot_dataset
 from vlm_inspect.config import TrainConfig
 from vlm_inspect.errors import ConfigError, OutputExistsError
-from vlm_inspect.plan import COMPLETE_MARKER
-from vlm_inspect.resume import changed_settings, checkpoints, is_complete, rotate
+from vlm_inspect.folders import RunFolder
 from vlm_inspect.train import train
+from vlm_inspect.training.checkpoints import changed_settings, rotate
 
 TINY = {"lora_r": 4, "lora_alpha": 8, "lr": 1e-2, "lora_dropout": 0.0, "augment": False}
 
@@ -43,12 +44,12 @@ def test_a_kill_between_saving_and_marking_a_checkpoint_keeps_the_last_complete_
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     monkeypatch.undo()
-    assert [p.name for p in checkpoints(run) if is_complete(p)] == ["checkpoint-1"]
+    assert [p.name for p in RunFolder(run).complete_checkpoints()] == ["checkpoint-1"]
     config_before = (run / "config.yaml").read_bytes()
     train(_cfg(tiny_model_dir, spot_dataset, run, min_steps=4, save_fraction=0.25, save_total_limit=1, resume=True))
     assert (run / "adapter" / "adapter_model.safetensors").exists()
     assert _steps(run) == [1, 2, 3, 4]  # resumed from step 1, not from 0
-    assert [p.name for p in checkpoints(run)] == ["checkpoint-4"]  # the limit still holds
+    assert [p.name for p in RunFolder(run).checkpoints()] == ["checkpoint-4"]  # the limit still holds
     assert (run / "config.yaml").read_bytes() == config_before
 
 
@@ -60,8 +61,7 @@ def test_resume_with_changed_settings_is_refused_listing_each(tmp_path: Path, ti
 
     save_config(cfg, run)
     before = (run / "config.yaml").read_bytes()
-    other_data = tmp_path / "other"
-    other_data.mkdir()
+    other_data = write_spot_dataset(tmp_path / "other")
     changed = _cfg(tiny_model_dir, other_data, run, min_steps=2, lr=1e-3, lora_r=8, resume=True)
     with pytest.raises(ConfigError) as err:
         train(changed)
@@ -92,9 +92,12 @@ def test_rotation_deletes_only_behind_the_newest_complete_checkpoint(tmp_path: P
     for step, folder in folders.items():
         folder.mkdir(parents=True)
         if step < 6:
-            (folder / COMPLETE_MARKER).write_text(str(step))
-    rotate(tmp_path, keep=1)
-    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]  # 6 is not complete yet
-    (folders[6] / COMPLETE_MARKER).write_text("6")
-    rotate(tmp_path, keep=1)
-    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-6"]
+            (folder / RunFolder.COMPLETE).write_text(str(step))
+    rotate(RunFolder(tmp_path), keep=1)
+    assert [p.name for p in RunFolder(tmp_path).checkpoints()] == [
+        "checkpoint-4",
+        "checkpoint-6",
+    ]  # 6 is not complete yet
+    (folders[6] / RunFolder.COMPLETE).write_text("6")
+    rotate(RunFolder(tmp_path), keep=1)
+    assert [p.name for p in RunFolder(tmp_path).checkpoints()] == ["checkpoint-6"]

@@ -26,10 +26,11 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from conftest import CHROMIUM, CHROMIUM_FLAGS  # noqa: E402
-from vlm_inspect.config import ServeConfig  # noqa: E402
+from helpers import llava_prompt as render_prompt  # noqa: E402
+from vlm_inspect.config import ModelSettings, ServeConfig  # noqa: E402
 from vlm_inspect.errors import ConfigError  # noqa: E402
-from vlm_inspect.models.template import render_prompt  # noqa: E402
-from vlm_inspect.serve.app import check_serve_config, create_app  # noqa: E402
+from vlm_inspect.serve import check_serve_config
+from vlm_inspect.service.app import create_app  # noqa: E402
 
 KEY = "s3cret-key"
 
@@ -168,7 +169,7 @@ def test_inspect_refuses_what_is_not_an_image_415():
 
 
 def test_inspect_refuses_decompression_bomb_415(monkeypatch):
-    import vlm_inspect.serve.app as app_module
+    import vlm_inspect.service.app as app_module
 
     monkeypatch.setattr(app_module, "MAX_IMAGE_PIXELS", 1000)
     with make_client() as client:
@@ -310,7 +311,7 @@ def test_models_healthz_and_page():
 
 
 def test_page_is_self_contained():
-    from vlm_inspect.serve.app import STATIC
+    from vlm_inspect.service.http import STATIC
 
     for name in ("index.html", "app.js", "app.css"):
         text = (STATIC / name).read_text(encoding="utf-8")
@@ -441,7 +442,7 @@ def test_bad_settings_are_listed_together():
 
 
 def test_busy_port_is_a_clear_error():
-    from vlm_inspect.serve.app import _bind
+    from vlm_inspect.service.http import bind as _bind
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -452,8 +453,9 @@ def test_busy_port_is_a_clear_error():
 
 def test_serve_warms_the_model_up_before_it_listens(monkeypatch, tmp_path: Path):
     """The first requests must not pay the GPU's compile time inside their time limit."""
-    from vlm_inspect.predict import Predictor
-    from vlm_inspect.serve import app as app_module
+    from vlm_inspect import serve as serve_module
+    from vlm_inspect.inference import Predictor
+    from vlm_inspect.service import http as http_module
 
     events = []
 
@@ -473,8 +475,8 @@ def test_serve_warms_the_model_up_before_it_listens(monkeypatch, tmp_path: Path)
     fake = FakePredictor()
     fake.device = type("Device", (), {"type": "cpu"})()
     monkeypatch.setattr(Predictor, "load", classmethod(lambda cls, *args, **kwargs: fake))
-    monkeypatch.setattr(app_module.uvicorn, "Server", FakeServer)
-    app_module.serve(ServeConfig(model=str(tmp_path), port=_free_port(), max_batch=4, max_new_tokens=16))
+    monkeypatch.setattr(http_module.uvicorn, "Server", FakeServer)
+    serve_module.serve(ServeConfig(model=str(tmp_path), port=_free_port(), max_batch=4, max_new_tokens=16))
     assert events == [("warm_up", 4, 16), ("run", 1)]
 
 
@@ -553,10 +555,10 @@ def test_real_server_inspect_matches_predictor(served: str, tiny_model_dir: Path
     import httpx
 
     from vlm_inspect.data.images import load_image
-    from vlm_inspect.predict import Predictor
+    from vlm_inspect.inference import Predictor
 
     photos = [photo_bytes(shade) for shade in (20, 90, 160, 230)]
-    expected = Predictor.load(tiny_model_dir, device="cpu").score([load_image(p) for p in photos])
+    expected = Predictor.load(ModelSettings(model=tiny_model_dir, device="cpu")).score([load_image(p) for p in photos])
     headers = {"Authorization": f"Bearer {KEY}"}
 
     def inspect(photo: bytes) -> dict:

@@ -24,8 +24,8 @@ from test_serve import FakePredictor, _free_port, _wait_until, assert_error, cha
 from vlm_inspect.cli import app as cli_app  # noqa: E402
 from vlm_inspect.config import ServeConfig  # noqa: E402
 from vlm_inspect.errors import ConfigError  # noqa: E402
-from vlm_inspect.serve.app import create_app  # noqa: E402
-from vlm_inspect.serve.limits import resolve_api_key  # noqa: E402
+from vlm_inspect.service.app import create_app  # noqa: E402
+from vlm_inspect.service.limits import resolve_api_key  # noqa: E402
 
 
 @contextmanager

@@ -30,10 +30,11 @@ from test_serve import KEY, FakePredictor, chat_body  # noqa: E402
 from vlm_inspect.cli import app as cli  # noqa: E402
 from vlm_inspect.config import ExportConfig, ServeConfig  # noqa: E402
 from vlm_inspect.errors import OutputExistsError, StationError  # noqa: E402
-from vlm_inspect.serve.app import create_app  # noqa: E402
-from vlm_inspect.station.export import export  # noqa: E402
+from vlm_inspect.export import export  # noqa: E402
+from vlm_inspect.label import queue_photos  # noqa: E402
+from vlm_inspect.service.app import create_app  # noqa: E402
+from vlm_inspect.service.station_routes import label_app  # noqa: E402
 from vlm_inspect.station.history import HistoryFilter, all_records  # noqa: E402
-from vlm_inspect.station.label import label_app, queue_photos  # noqa: E402
 from vlm_inspect.station.store import open_store  # noqa: E402
 
 LOOPBACK = "http://127.0.0.1:8000"  # serve answers only loopback Host names on a loopback bind
@@ -163,6 +164,7 @@ def test_export_writes_class_folders_that_prepare_reads(tmp_path: Path):
     export(ExportConfig(station=str(tmp_path / "st"), out=str(out)))
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == [
+        "config.yaml",  # the export's own settings: `export --overwrite` may replace what it wrote
         "ng/black_spot/cam_20-1.json",
         "ng/black_spot/cam_20-1.png",
         "ng/cam_30-2.png",

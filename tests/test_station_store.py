@@ -24,9 +24,9 @@ from sqlalchemy import text, update
 
 from station_helpers import photo, postgres_server, reset_postgres
 from vlm_inspect.errors import StationError
+from vlm_inspect.prune import photo_bytes, prune_store
 from vlm_inspect.station.history import HistoryFilter, all_records, csv_text, get_record, list_records
 from vlm_inspect.station.identity import model_identity
-from vlm_inspect.station.retention import photo_bytes, prune_store
 from vlm_inspect.station.schema import Inspection
 from vlm_inspect.station.store import DB_NAME, open_store
 

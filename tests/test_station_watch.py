@@ -15,7 +15,7 @@ from vlm_inspect.config import WatchConfig
 from vlm_inspect.errors import ConfigError
 from vlm_inspect.station.history import HistoryFilter, all_records
 from vlm_inspect.station.store import open_store
-from vlm_inspect.station.watch import Watcher, check_watch_config
+from vlm_inspect.watch import Watcher, check_watch_config
 
 
 def make_folder(root: Path, shades=(230, 220, 20)) -> Path:

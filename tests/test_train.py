@@ -19,9 +19,10 @@ from vlm_inspect.cli import app
 from vlm_inspect.config import TrainConfig
 from vlm_inspect.data.dataset import IGNORE_INDEX, Collator, ConversationDataset, load_training_dataset
 from vlm_inspect.errors import ConfigError, DataError, OutputExistsError
+from vlm_inspect.folders import RunFolder
 from vlm_inspect.models.load import load_processor
-from vlm_inspect.plan import lr_factor, make_plan
 from vlm_inspect.train import train, validate
+from vlm_inspect.training.plan import lr_factor, make_plan
 
 FAST = ["lora_r=8", "lora_alpha=16", "lr=1e-2", "projector_lr=2e-3", "lora_dropout=0", "save_total_limit=20"]
 runner = CliRunner()
@@ -220,7 +221,7 @@ def test_launcher_gets_the_shipped_config_by_name(name: str, tmp_path: Path, mon
         train_module.subprocess, "run", lambda cmd, **kw: launched.append(cmd) or subprocess.CompletedProcess(cmd, 0)
     )
     cfg = TrainConfig(model="m", data="d", out=str(tmp_path), distributed=name)
-    train_module.launch_distributed(cfg, tmp_path)
+    train_module.launch_distributed(cfg, RunFolder(tmp_path))
     cmd = launched[0]
     config = Path(cmd[cmd.index("--config_file") + 1])
     assert config.name == f"{name}.yaml" and config.exists()
@@ -238,8 +239,8 @@ def test_launcher_gets_the_shipped_config_by_name(name: str, tmp_path: Path, mon
 
 
 def test_layers_compile_on_gpus_except_under_zero3_for_families_measured():
-    from vlm_inspect.models.family import family_named
-    from vlm_inspect.trainer import use_compile
+    from vlm_inspect.models.families import family_named
+    from vlm_inspect.training.loop import use_compile
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     llava, gemma = family_named("llava"), family_named("gemma3")

@@ -1,12 +1,20 @@
-"""The `vlm-inspect` command: one verb per step of the job, each a plain library function.
+"""The `vlm-inspect` command, built from the settings dataclasses in config.py.
 
-Only this module exits; the library raises `VlmInspectError` with a message for the user.
-Heavy imports (torch, transformers) happen inside each verb so `--help` stays quick.
+One command per verb, one option per setting: its name is the field's (`image_max_tokens` → `--image-max-tokens`),
+its help is the field's docstring, and every verb also takes it as `key=value` and as a key of `--config FILE`
+(lowest first: the file, `key=value`, `--option`). Verb NAME runs `vlm_inspect.NAME.NAME(settings)`, imported
+only when it runs, so `--help` stays quick. Only this module exits; the library raises `VlmInspectError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
+import os
 import sys
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -16,7 +24,29 @@ from rich.console import Console
 from rich.markup import escape
 
 from vlm_inspect import config as cfgmod
-from vlm_inspect.errors import VlmInspectError
+from vlm_inspect.errors import ConfigError, VlmInspectError
+
+VERBS: dict[str, type] = {
+    "prepare": cfgmod.PrepareConfig,
+    "train": cfgmod.TrainConfig,
+    "merge": cfgmod.MergeConfig,
+    "evaluate": cfgmod.EvaluateConfig,
+    "predict": cfgmod.PredictConfig,
+    "serve": cfgmod.ServeConfig,
+    "watch": cfgmod.WatchConfig,
+    "label": cfgmod.LabelConfig,
+    "export": cfgmod.ExportConfig,
+    "prune": cfgmod.PruneConfig,
+    "convert": cfgmod.ConvertConfig,
+    "demo": cfgmod.DemoConfig,
+    "tiny-model": cfgmod.TinyModelConfig,
+    "env": cfgmod.EnvConfig,
+}
+"""Each verb and its settings, in the order `--help` lists them."""
+
+# Third-party chatter that --verbose brings back: transformers' info and warnings, and the hub's progress bars
+# ("Loading weights", "Writing model shards"); read when transformers is imported, which the verbs do later.
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 app = typer.Typer(
     name="vlm-inspect",
@@ -26,18 +56,6 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 err_console = Console(stderr=True)
-
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file of settings (see the list below).")]
-OverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="Replace existing output.")]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... or auto.")]
-ImageTokensOpt = Annotated[
-    Optional[int], typer.Option(help="Most image tokens per photo (dynamic-resolution families); unset: the run's.")
-]
-StationOpt = Annotated[Optional[Path], typer.Option(help="Station folder: records, photos, SQLite database.")]
-DbOpt = Annotated[
-    Optional[str], typer.Option(help="Database URL instead of DIR/station.db (postgresql+psycopg://...).")
-]
-PrecisionOpt = Annotated[Optional[str], typer.Option(help="auto, bf16, fp16, fp32, or fp8 (FP8 language model).")]
 
 
 def _run(fn: Callable[[], Any]) -> Any:
@@ -52,425 +70,123 @@ def _run(fn: Callable[[], Any]) -> Any:
         raise typer.Exit(130) from None
 
 
-def _epilog(cls: type) -> str:
-    # "\b" keeps click from re-wrapping the list into one paragraph.
-    return "\b\n" + cfgmod.settings_help(cls, overrides=cls is cfgmod.TrainConfig)  # only train takes key=value
+def settings_from_command_line(
+    settings: type, arguments: list[str], options: dict[str, Any], config: Path | None
+) -> Any:
+    """The verb's settings from its command line: `key=value` arguments and the positional setting's values,
+    the `--options` given, and the `--config` file beneath them."""
+    names = {f.name for f in dataclasses.fields(settings)}
+    positional = getattr(settings, "positional", None)
+    overrides, rest = [], []
+    for argument in arguments:
+        key = argument.partition("=")[0].strip().replace("-", "_")
+        # NAME=VALUE sets NAME; a verb that takes photos or folders reads other words as those (`a=b.png`).
+        is_setting = "=" in argument and (key in names or (positional is None and key.isidentifier()))
+        (overrides if is_setting else rest).append(argument)
+    explicit = {name: value for name, value in options.items() if value is not None}
+    if rest and positional is None:
+        raise ConfigError([f"{rest[0]!r}: not a setting of this verb; give settings as key=value or --name VALUE"])
+    if rest and positional:
+        if _is_list(typing.get_type_hints(settings)[positional]):
+            explicit[positional] = rest
+        elif len(rest) > 1:
+            raise ConfigError([f"{positional}: one value expected, got {len(rest)}: {' '.join(rest)}"])
+        else:
+            explicit[positional] = rest[0]
+    return cfgmod.build_config(settings, config, overrides, **explicit)
 
 
-@app.command(epilog=_epilog(cfgmod.PrepareConfig))
-def prepare(
-    src: Annotated[Optional[Path], typer.Argument(help="Photo folder: class folders or MVTec AD layout.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Dataset folder to create.")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option(help="Share held out for validation.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for split and wording.")] = None,
-    language: Annotated[Optional[str], typer.Option(help="en or zh.")] = None,
-    ok_name: Annotated[Optional[list[str]], typer.Option(help="Extra folder name meaning OK.")] = None,
-    ng_name: Annotated[Optional[list[str]], typer.Option(help="Extra folder name meaning NG.")] = None,
-    from_llava_json: Annotated[Optional[Path], typer.Option(help="Existing LLaVA JSON to validate and copy.")] = None,
-    image_folder: Annotated[Optional[Path], typer.Option(help="Image folder of --from-llava-json.")] = None,
-    product: Annotated[Optional[str], typer.Option(help="What the photos show, e.g. box.")] = None,
-    overwrite: OverwriteOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Turn photo folders into LLaVA conversation datasets (train.json, val.json)."""
-    from vlm_inspect.data.prepare import prepare as run
-
-    cfg = _run(
-        lambda: cfgmod.build_config(
-            cfgmod.PrepareConfig,
-            config,
-            src=_s(src),
-            out=_s(out),
-            val_fraction=val_fraction,
-            seed=seed,
-            language=language,
-            ok_names=ok_name or None,
-            ng_names=ng_name or None,
-            from_llava_json=_s(from_llava_json),
-            image_folder=_s(image_folder),
-            product=product,
-            overwrite=overwrite,
-        )
+def _add_command(name: str, settings: type) -> None:
+    positional = getattr(settings, "positional", None)
+    docs = cfgmod.field_docs(settings)
+    shown = f"{positional.upper()} KEY=VALUE" if positional else "KEY=VALUE"
+    arguments_help = (
+        f"{positional.upper()}: {docs[positional]} Then settings as key=value."
+        if positional
+        else "Settings as key=value."
     )
-    _run(lambda: run(cfg))
-
-
-@app.command(epilog=_epilog(cfgmod.TrainConfig))
-def train(
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value settings, e.g. lr=1e-4 epochs=3.")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Base model folder (llava-hf layout).")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Dataset folder from prepare, or a LLaVA JSON.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder to write.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="lora, qlora or full.")] = None,
-    gpus: Annotated[Optional[str], typer.Option(help="GPU ids, e.g. 0,2.")] = None,
-    distributed: Annotated[Optional[str], typer.Option(help="ddp, zero2, zero3 or fsdp (accelerate launch).")] = None,
-    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the newest checkpoint.")] = None,
-    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Few-shot augmentation.")] = None,
-    report_to: Annotated[Optional[str], typer.Option(help="none, tensorboard or wandb.")] = None,
-    overwrite: OverwriteOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Fine-tune with LoRA, QLoRA or fully, on 1 or N devices."""
-    from vlm_inspect.train import train as run
-
-    cfg = _run(
-        lambda: cfgmod.build_config(
-            cfgmod.TrainConfig,
-            config,
-            overrides,
-            model=_s(model),
-            data=_s(data),
-            out=_s(out),
-            method=method,
-            gpus=gpus,
-            distributed=distributed,
-            resume=resume,
-            augment=augment,
-            report_to=report_to,
-            overwrite=overwrite,
+    parameters = [
+        inspect.Parameter(
+            "arguments",
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=None,
+            annotation=Annotated[
+                Optional[list[str]], typer.Argument(help=arguments_help, metavar=shown, show_default=False)
+            ],
         )
-    )
-    _run(lambda: run(cfg))
-
-
-@app.command(epilog=_epilog(cfgmod.MergeConfig))
-def merge(
-    model: Annotated[Optional[Path], typer.Option(help="Base model folder.")] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="Run or adapter folder.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Merged model folder to write.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32.")] = None,
-    overwrite: OverwriteOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Merge an adapter into its base and check the merged model answers like the adapter."""
-    from vlm_inspect.merge import merge as run
-
-    cfg = _run(
-        lambda: cfgmod.build_config(
-            cfgmod.MergeConfig,
-            config,
-            model=_s(model),
-            adapter=_s(adapter),
-            out=_s(out),
-            dtype=dtype,
-            overwrite=overwrite,
-        )
-    )
-    _run(lambda: run(cfg))
-
-
-@app.command(epilog=_epilog(cfgmod.ConvertConfig))
-def convert(
-    out: Annotated[Optional[Path], typer.Option(help="Folder to write.")] = None,
-    llava: Annotated[Optional[Path], typer.Option(help="Original-layout LLaVA folder.")] = None,
-    vision_tower: Annotated[Optional[Path], typer.Option(help="CLIP folder, with --llava.")] = None,
-    llava_lora: Annotated[Optional[Path], typer.Option(help="LoRA run folder of the original repo.")] = None,
-    base: Annotated[Optional[Path], typer.Option(help="Converted base folder, with --llava-lora.")] = None,
-    overwrite: OverwriteOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Convert original LLaVA checkpoints and LoRA runs to the llava-hf / PEFT layout."""
-    from vlm_inspect.models.convert import convert as run
-
-    cfg = _run(
-        lambda: cfgmod.build_config(
-            cfgmod.ConvertConfig,
-            config,
-            out=_s(out),
-            llava=_s(llava),
-            vision_tower=_s(vision_tower),
-            llava_lora=_s(llava_lora),
-            base=_s(base),
-            overwrite=overwrite,
-        )
-    )
-    _run(lambda: run(cfg))
-
-
-@app.command(epilog=_epilog(cfgmod.PredictConfig))
-def predict(
-    paths: Annotated[Optional[list[Path]], typer.Argument(help="Images or folders.")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Model folder.")] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="Adapter or run folder.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="preds.jsonl or preds.csv.")] = None,
-    describe: Annotated[Optional[bool], typer.Option("--describe", help="Also describe each image.")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="p(NG) threshold.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass.")] = None,
-    question: Annotated[Optional[str], typer.Option(help="Question to ask.")] = None,
-    image_max_tokens: ImageTokensOpt = None,
-    device: DeviceOpt = None,
-    precision: PrecisionOpt = None,
-    overwrite: OverwriteOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Score photos OK/NG (and describe them) with a base, tuned or merged model."""
-    from vlm_inspect.predict import predict as run
-
-    cfg = _run(
-        lambda: cfgmod.build_config(
-            cfgmod.PredictConfig,
-            config,
-            paths=[str(p) for p in paths] if paths else None,
-            model=_s(model),
-            adapter=_s(adapter),
-            out=_s(out),
-            describe=describe,
-            threshold=threshold,
-            batch_size=batch_size,
-            question=question,
-            device=device,
-            image_max_tokens=image_max_tokens,
-            precision=precision,
-            overwrite=overwrite,
-        )
-    )
-    _run(lambda: run(cfg))
-
-
-@app.command(epilog=_epilog(cfgmod.EvaluateConfig))
-def evaluate(
-    model: Annotated[Optional[Path], typer.Option(help="Base model folder (or merged folder).")] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="Adapter or run folder of the tuned model.")] = None,
-    base: Annotated[Optional[Path], typer.Option(help="Base folder when --model is merged.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Dataset folder or labelled photo folders.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Report folder.")] = None,
-    questions: Annotated[Optional[Path], typer.Option(help="Extra questions, one per line.")] = None,
-    max_escape: Annotated[Optional[float], typer.Option(help="Highest escape rate allowed.")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="p(NG) threshold of the main table.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass.")] = None,
-    compare: Annotated[
-        Optional[list[str]], typer.Option(help="Another tuned model side by side: MODEL or MODEL,ADAPTER (repeatable).")
-    ] = None,
-    gallery_size: Annotated[Optional[int], typer.Option(help="Most images shown with answers.")] = None,
-    image_max_tokens: ImageTokensOpt = None,
-    device: DeviceOpt = None,
-    precision: PrecisionOpt = None,
-    overwrite: OverwriteOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Compare base and tuned models on labelled photos; write results.json and report.html."""
-    from vlm_inspect.evaluate.run import evaluate as run
-
-    cfg = _run(
-        lambda: cfgmod.build_config(
-            cfgmod.EvaluateConfig,
-            config,
-            model=_s(model),
-            adapter=_s(adapter),
-            base=_s(base),
-            data=_s(data),
-            out=_s(out),
-            questions=_s(questions),
-            max_escape=max_escape,
-            threshold=threshold,
-            batch_size=batch_size,
-            compare=compare or None,
-            gallery_size=gallery_size,
-            device=device,
-            image_max_tokens=image_max_tokens,
-            precision=precision,
-            overwrite=overwrite,
-        )
-    )
-    _run(lambda: run(cfg))
-
-
-@app.command(epilog=_epilog(cfgmod.ServeConfig))
-def serve(
-    model: Annotated[Optional[Path], typer.Option(help="Model folder.")] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="Adapter or run folder.")] = None,
-    host: Annotated[Optional[str], typer.Option(help="Address to bind.")] = None,
-    port: Annotated[Optional[int], typer.Option(help="TCP port.")] = None,
-    api_key: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Require this bearer token. Other users see it in `ps`: prefer --api-key-file or the "
-            "VLM_INSPECT_API_KEY environment variable.",
-            envvar="VLM_INSPECT_API_KEY",
-            show_envvar=True,
+    ]
+    hints = typing.get_type_hints(settings)
+    for f in dataclasses.fields(settings):
+        if f.name != positional:
+            annotation = _option(f.name, hints[f.name], docs.get(f.name, ""), _default(f))
+            parameters.append(
+                inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+            )
+    parameters += [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[Optional[Path], typer.Option("--config", help="YAML file of these settings.")],
         ),
-    ] = None,
-    api_key_file: Annotated[Optional[Path], typer.Option(help="File holding the bearer token.")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="p(NG) threshold.")] = None,
-    max_batch: Annotated[Optional[int], typer.Option(help="Most requests per forward pass.")] = None,
-    image_max_tokens: ImageTokensOpt = None,
-    device: DeviceOpt = None,
-    station: StationOpt = None,
-    db: DbOpt = None,
-    precision: PrecisionOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Serve the model: REST inspection, OpenAI-compatible chat, operator web page."""
-    cfg = _run(
-        lambda: cfgmod.build_config(
-            cfgmod.ServeConfig,
-            config,
-            model=_s(model),
-            adapter=_s(adapter),
-            host=host,
-            port=port,
-            api_key=api_key,
-            api_key_file=_s(api_key_file),
-            threshold=threshold,
-            max_batch=max_batch,
-            device=device,
-            image_max_tokens=image_max_tokens,
-            station=_s(station),
-            db=db,
-            precision=precision,
-        )
-    )
+        inspect.Parameter(
+            "verbose",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[bool, typer.Option("--verbose", help="Also show the libraries' own logs and bars.")],
+        ),
+    ]
 
-    def go() -> None:
-        from vlm_inspect.serve.app import serve as run  # raises an install hint without the extra
+    def command(arguments: list[str] | None = None, config: Path | None = None, verbose: bool = False, **options: Any):
+        if not verbose:
+            for key, value in QUIET_ENV.items():
+                os.environ.setdefault(key, value)
+        cfg = _run(lambda: settings_from_command_line(settings, arguments or [], options, config))
+        function = name.replace("-", "_")
+        _run(lambda: getattr(importlib.import_module(f"vlm_inspect.{function}"), function)(cfg))
 
-        run(cfg)
-
-    _run(go)
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    app.command(name, help=(settings.__doc__ or "").strip())(command)
 
 
-@app.command(epilog=_epilog(cfgmod.WatchConfig))
-def watch(
-    folder: Annotated[Optional[Path], typer.Argument(help="Hot folder the camera writes photos into.")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Model folder.")] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="Adapter or run folder.")] = None,
-    station: StationOpt = None,
-    db: DbOpt = None,
-    sort: Annotated[Optional[str], typer.Option(help="none, move (into ok/ ng/) or result-file.")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="p(NG) threshold.")] = None,
-    describe: Annotated[Optional[bool], typer.Option("--describe", help="Also describe NG photos.")] = None,
-    poll_s: Annotated[Optional[float], typer.Option(help="Seconds between looks at the folder.")] = None,
-    once: Annotated[Optional[bool], typer.Option("--once", help="Inspect what is there now, then exit.")] = None,
-    max_polls: Annotated[Optional[int], typer.Option(help="Stop after this many polls.")] = None,
-    device: DeviceOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Inspect each new photo in a hot folder once, record it, and sort or answer it."""
-    from vlm_inspect.station.watch import watch as run
-
-    cfg = _run(
-        lambda: cfgmod.build_config(
-            cfgmod.WatchConfig,
-            config,
-            folder=_s(folder),
-            model=_s(model),
-            adapter=_s(adapter),
-            station=_s(station),
-            db=db,
-            sort=sort,
-            threshold=threshold,
-            describe=describe,
-            poll_s=poll_s,
-            once=once,
-            max_polls=max_polls,
-            device=device,
-        )
-    )
-    _run(lambda: run(cfg))
+def _option(name: str, hint: Any, help_text: str, default: str) -> Any:
+    """The typer option of one setting. Values go through the settings' own checks (config.py), so every bad
+    value is reported at once, as for a YAML file."""
+    flag = "--" + name.replace("_", "-")
+    inner = _without_none(hint)
+    text = f"{help_text}  [default: {default}]" if default else help_text
+    if inner is bool:
+        return Annotated[Optional[bool], typer.Option(f"{flag}/--no-{flag[2:]}", help=text, show_default=False)]
+    if _is_list(inner):
+        return Annotated[Optional[list[str]], typer.Option(flag, help=f"{text} (repeatable)", show_default=False)]
+    return Annotated[Optional[str], typer.Option(flag, help=text, metavar=_metavar(inner), show_default=False)]
 
 
-@app.command(epilog=_epilog(cfgmod.LabelConfig))
-def label(
-    photos: Annotated[Optional[Path], typer.Argument(help="Folder of photos to label.")] = None,
-    station: StationOpt = None,
-    db: DbOpt = None,
-    host: Annotated[Optional[str], typer.Option(help="Address to bind.")] = None,
-    port: Annotated[Optional[int], typer.Option(help="TCP port.")] = None,
-    api_key: Annotated[Optional[str], typer.Option(help="Require this bearer token.")] = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Sort a fresh photo folder into OK / NG and box the defects on the station page (no model needed)."""
-    from vlm_inspect.station.label import label as run
-
-    cfg = _run(
-        lambda: cfgmod.build_config(
-            cfgmod.LabelConfig, config, photos=_s(photos), station=_s(station), db=db, host=host, port=port,
-            api_key=api_key,
-        )
-    )  # fmt: skip
-    _run(lambda: run(cfg))
+def _default(f: dataclasses.Field) -> str:
+    """What --help shows as the setting's default; nothing for an unset one."""
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    return "" if default in (None, "", []) else str(default).lower() if isinstance(default, bool) else str(default)
 
 
-@app.command("export", epilog=_epilog(cfgmod.ExportConfig))
-def export_(
-    station: StationOpt = None,
-    db: DbOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Class-folder tree to write.")] = None,
-    overwrite: OverwriteOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Write the station's reviewed photos as ok/ and ng/<type>/ folders with sidecars for prepare."""
-    from vlm_inspect.station.export import export as run
-
-    cfg = _run(
-        lambda: cfgmod.build_config(
-            cfgmod.ExportConfig, config, station=_s(station), db=db, out=_s(out), overwrite=overwrite
-        )
-    )
-    _run(lambda: run(cfg))
+def _without_none(hint: Any) -> Any:
+    """`int | None` → `int`; other hints unchanged."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return hint
+    return next(a for a in typing.get_args(hint) if a is not type(None))
 
 
-@app.command(epilog=_epilog(cfgmod.PruneConfig))
-def prune(
-    station: StationOpt = None,
-    db: DbOpt = None,
-    max_age_days: Annotated[Optional[float], typer.Option(help="Delete unreviewed records older than this.")] = None,
-    max_gb: Annotated[Optional[float], typer.Option(help="Keep the stored photos under this many GiB.")] = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Retention: delete old unreviewed records by age or photo-folder size; reviewed ones always stay."""
-    from vlm_inspect.station.retention import prune as run
-
-    cfg = _run(
-        lambda: cfgmod.build_config(
-            cfgmod.PruneConfig, config, station=_s(station), db=db, max_age_days=max_age_days, max_gb=max_gb
-        )
-    )
-    _run(lambda: run(cfg))
+def _is_list(hint: Any) -> bool:
+    return typing.get_origin(_without_none(hint)) is list
 
 
-@app.command(epilog=_epilog(cfgmod.DemoConfig))
-def demo(
-    out: Annotated[Optional[Path], typer.Option(help="Demo folder.")] = None,
-    fast: Annotated[Optional[bool], typer.Option("--fast", help="Smaller sizes (CI).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed.")] = None,
-    overwrite: OverwriteOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """The whole job on CPU in minutes: synthetic boxes, tiny model, training, report."""
-    from vlm_inspect.demo import demo as run
-
-    cfg = _run(
-        lambda: cfgmod.build_config(cfgmod.DemoConfig, config, out=_s(out), fast=fast, seed=seed, overwrite=overwrite)
-    )
-    _run(lambda: run(cfg))
+def _metavar(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "[" + "|".join(map(str, typing.get_args(hint))) + "]"
+    return {int: "INTEGER", float: "NUMBER"}.get(hint, "TEXT")
 
 
-@app.command()
-def env() -> None:
-    """Print versions of the stack, the devices seen, and which extras are installed."""
-    from vlm_inspect.env import print_env
-
-    _run(print_env)
-
-
-@app.command("tiny-model")
-def tiny_model(
-    out: Annotated[Path, typer.Argument(help="Folder to write the tiny model to.")],
-    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
-    family: Annotated[
-        str, typer.Option(help="llava, qwen2_5_vl, qwen3_vl, internvl or gemma3: the family's layout and tokens.")
-    ] = "llava",
-) -> None:
-    """Build a tiny random model of a family (its processor, tokenizer and chat template) for tests and trials."""
-    from vlm_inspect.models.family import family_named
-
-    path = _run(lambda: family_named(family).build_tiny(out, seed=seed))
-    typer.echo(f"tiny model written to {path}")
-
-
-def _s(p: Any) -> str | None:
-    return None if p is None else str(p)
+for _name, _settings in VERBS.items():
+    _add_command(_name, _settings)
 
 
 def main() -> None:

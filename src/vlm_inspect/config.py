@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -25,9 +25,53 @@ C = TypeVar("C")
 
 RESOLVED_CONFIG_NAME = "config.yaml"
 
+IMAGE_TOKENS_MIN, IMAGE_TOKENS_MAX = 16, 65_536
+"""Bounds of `image_max_tokens` for every verb: fewer than 16 tokens leaves a photo a few pixels; more than
+65,536 is no photo a 2,048 px model input can cost."""
+
+
+def image_budget_problems(value: int | None) -> list[str]:
+    """The one check of `image_max_tokens`, shared by every verb that takes it."""
+    if value is None or IMAGE_TOKENS_MIN <= value <= IMAGE_TOKENS_MAX:
+        return []
+    return [
+        f"image_max_tokens: {value} is not between {IMAGE_TOKENS_MIN:,} and {IMAGE_TOKENS_MAX:,} "
+        "(leave it unset for the run's or the family's own)"
+    ]
+
+
+@dataclass
+class ModelSettings:
+    """The model a verb runs: one group embedded in the settings of predict, evaluate, serve and watch, and
+    taken whole by `Predictor.load`, so no path can drop one of them."""
+
+    model: str = ""
+    """Model folder: a base model (with --adapter) or a merged one."""
+    adapter: str | None = None
+    """Adapter or run folder (from `train`) applied on top of model."""
+    image_max_tokens: int | None = None
+    """Most image tokens one photo may cost (Qwen2.5-VL: one per 28 × 28 px, Qwen3-VL: 32 × 32, InternVL: 256 per 448 px tile); unset: the run's, else 1280. Fixed-view families (LLaVA-1.5: 576, Gemma 3: 256) ignore it."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1 ... or auto (the first GPU, else the CPU)."""
+    precision: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = "auto"
+    """Weights' precision; auto is bf16 on a GPU that has it, fp32 on CPU. fp8: the language-model
+    linears stored and run in FP8 (the rest bf16), on GPUs of compute capability 8.9+."""
+
+    def model_settings(self) -> ModelSettings:
+        """This group alone (a copy), as `Predictor.load` takes it."""
+        return ModelSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSettings)})
+
+    def model_problems(self) -> list[str]:
+        problems = [] if self.model else ["model: required"]
+        return problems + image_budget_problems(self.image_max_tokens)
+
 
 @dataclass
 class PrepareConfig:
+    """Turn photo folders into conversation datasets (train.json, val.json) that teach verdict, defect type and place."""
+
+    positional: ClassVar[str] = "src"
+
     src: str = ""
     """Folder of photos: class folders (ok/, ng/, ng/<defect>/...) or an MVTec AD category."""
     out: str = ""
@@ -56,6 +100,8 @@ class PrepareConfig:
 
 @dataclass
 class TrainConfig:
+    """Fine-tune with LoRA, QLoRA or fully, on 1 or N devices."""
+
     model: str = ""
     """Base model folder (llava-hf layout; `vlm-inspect convert` makes one from the original layout)."""
     data: str = ""
@@ -129,6 +175,8 @@ class TrainConfig:
 
 @dataclass
 class MergeConfig:
+    """Merge an adapter into its base and check the merged model answers like the adapter."""
+
     model: str = ""
     """Base model folder the adapter was trained on."""
     adapter: str = ""
@@ -143,6 +191,8 @@ class MergeConfig:
 
 @dataclass
 class ConvertConfig:
+    """Convert original LLaVA checkpoints and LoRA runs to the llava-hf / PEFT layout."""
+
     out: str = ""
     """Folder to write."""
     llava: str | None = None
@@ -158,11 +208,11 @@ class ConvertConfig:
 
 
 @dataclass
-class PredictConfig:
-    model: str = ""
-    """Model folder (base or merged)."""
-    adapter: str | None = None
-    """Adapter or run folder to apply on top of model."""
+class PredictConfig(ModelSettings):
+    """Score photos OK/NG (and describe them) with a base, tuned or merged model."""
+
+    positional: ClassVar[str] = "paths"
+
     paths: list[str] = field(default_factory=list)
     """Images or folders (searched recursively)."""
     out: str = "predictions.jsonl"
@@ -177,23 +227,14 @@ class PredictConfig:
     """Question asked; default is the first training question."""
     max_new_tokens: int = 64
     """Longest description, in tokens."""
-    image_max_tokens: int | None = None
-    """Most image tokens one photo may cost (Qwen2.5-VL: one per 28 × 28 px, Qwen3-VL: 32 × 32, InternVL: 256 per 448 px tile); unset: the run's, else 1280. Fixed-view families (LLaVA-1.5: 576, Gemma 3: 256) ignore it."""
-    device: str = "auto"
-    """cpu, cuda, cuda:1 ... or auto."""
     overwrite: bool = False
     """Replace an existing output file."""
-    precision: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = "auto"
-    """Weights' precision; auto is bf16 on a GPU that has it, fp32 on CPU. fp8: the language-model
-    linears stored and run in FP8 (the rest bf16), on GPUs of compute capability 8.9+."""
 
 
 @dataclass
-class EvaluateConfig:
-    model: str = ""
-    """Base model folder, or a merged model folder (then give base for the 'before')."""
-    adapter: str | None = None
-    """Adapter or run folder of the tuned model."""
+class EvaluateConfig(ModelSettings):
+    """Compare base and tuned models on labelled photos; write results.json and report.html."""
+
     base: str | None = None
     """Base model folder, when model is a merged folder."""
     data: str = ""
@@ -214,23 +255,14 @@ class EvaluateConfig:
     """Most images shown with answers in the report."""
     compare: list[str] = field(default_factory=list)
     """More tuned models scored on the same photos and shown side by side, each MODEL or MODEL,ADAPTER (e.g. a Qwen2.5-VL run beside a LLaVA-1.5 one)."""
-    image_max_tokens: int | None = None
-    """Most image tokens one photo may cost (Qwen2.5-VL: one per 28 × 28 px, Qwen3-VL: 32 × 32, InternVL: 256 per 448 px tile); unset: the run's, else 1280. Fixed-view families (LLaVA-1.5: 576, Gemma 3: 256) ignore it."""
-    device: str = "auto"
-    """cpu, cuda, cuda:1 ... or auto."""
     overwrite: bool = False
     """Replace an existing report folder."""
-    precision: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = "auto"
-    """Weights' precision; auto is bf16 on a GPU that has it, fp32 on CPU. fp8: the language-model
-    linears stored and run in FP8 (the rest bf16), on GPUs of compute capability 8.9+."""
 
 
 @dataclass
-class ServeConfig:
-    model: str = ""
-    """Model folder (base or merged)."""
-    adapter: str | None = None
-    """Adapter or run folder to apply on top of model."""
+class ServeConfig(ModelSettings):
+    """Serve the model: REST inspection, OpenAI-compatible chat, operator web page."""
+
     host: str = "127.0.0.1"
     """Address to bind; only this machine can connect unless changed."""
     port: int = 8000
@@ -249,10 +281,6 @@ class ServeConfig:
     """A request waiting longer than this fails with 504."""
     max_new_tokens: int = 64
     """Longest description, in tokens."""
-    image_max_tokens: int | None = None
-    """Most image tokens one photo may cost (Qwen2.5-VL: one per 28 × 28 px, Qwen3-VL: 32 × 32, InternVL: 256 per 448 px tile); unset: the run's, else 1280. Fixed-view families (LLaVA-1.5: 576, Gemma 3: 256) ignore it."""
-    device: str = "auto"
-    """cpu, cuda, cuda:1 ... or auto."""
     station: str | None = None
     """Station folder: record every inspection (photo, verdict, model) there; adds history and review to the page."""
     db: str | None = None
@@ -263,13 +291,12 @@ class ServeConfig:
     """Most characters of text in one chat conversation; longer ones get 413."""
     body_timeout_s: float = 30.0
     """Most seconds a client may take to send a request body; slower ones get 408 and are disconnected."""
-    precision: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = "auto"
-    """Weights' precision; auto is bf16 on a GPU that has it, fp32 on CPU. fp8: the language-model
-    linears stored and run in FP8 (the rest bf16), on GPUs of compute capability 8.9+."""
 
 
 @dataclass
 class DemoConfig:
+    """The whole job on CPU in minutes: synthetic boxes, tiny model, training, report."""
+
     out: str = "vlm-inspect-demo"
     """Folder for the demo's model, data, run and report."""
     fast: bool = False
@@ -281,13 +308,13 @@ class DemoConfig:
 
 
 @dataclass
-class WatchConfig:
+class WatchConfig(ModelSettings):
+    """Inspect each new photo in a hot folder once, record it, and sort or answer it."""
+
+    positional: ClassVar[str] = "folder"
+
     folder: str = ""
     """Hot folder a line camera writes photos into; new photos are inspected once each."""
-    model: str = ""
-    """Model folder (base or merged)."""
-    adapter: str | None = None
-    """Adapter or run folder to apply on top of model."""
     station: str = ""
     """Station folder where every verdict is recorded (the ledger of photos already inspected)."""
     db: str | None = None
@@ -306,12 +333,12 @@ class WatchConfig:
     """Stop after this many polls (unset: run until interrupted)."""
     batch_size: int = 8
     """Photos per forward pass."""
-    device: str = "auto"
-    """cpu, cuda, cuda:1 ... or auto."""
 
 
 @dataclass
 class ExportConfig:
+    """Write the station's reviewed photos as ok/ and ng/<type>/ folders with sidecars for prepare."""
+
     station: str = ""
     """Station folder to export the reviewed records of."""
     db: str | None = None
@@ -324,6 +351,10 @@ class ExportConfig:
 
 @dataclass
 class LabelConfig:
+    """Sort a fresh photo folder into OK / NG and box the defects on the station page (no model needed)."""
+
+    positional: ClassVar[str] = "photos"
+
     photos: str = ""
     """Folder of photos to sort into OK / NG and box (searched recursively)."""
     station: str = ""
@@ -340,6 +371,8 @@ class LabelConfig:
 
 @dataclass
 class PruneConfig:
+    """Retention: delete old unreviewed records by age or photo-folder size; reviewed ones always stay."""
+
     station: str = ""
     """Station folder to prune."""
     db: str | None = None
@@ -350,12 +383,39 @@ class PruneConfig:
     """Then delete the oldest unreviewed inspections until the stored photos fit in this many GiB."""
 
 
+@dataclass
+class TinyModelConfig:
+    """Build a tiny random model of a family (its processor, tokenizer and chat template) for tests and trials."""
+
+    positional: ClassVar[str] = "out"
+
+    out: str = ""
+    """Folder to write the tiny model to."""
+    seed: int = 0
+    """Seed of the random weights."""
+    family: str = "llava"
+    """llava, qwen2_5_vl, qwen3_vl, internvl or gemma3: the family's layout and tokens."""
+
+
+@dataclass
+class EnvConfig:
+    """Print versions of the stack, the devices seen, and which extras are installed."""
+
+
 # ---------------------------------------------------------------- machinery
 
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass: the string literal under each field."""
+    """Attribute docstrings of a dataclass and the settings groups it embeds: the string literal under each field."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
@@ -369,16 +429,6 @@ def field_docs(cls: type) -> dict[str, str]:
         ):
             docs[node.target.id] = nxt.value.value.strip()
     return docs
-
-
-def settings_help(cls: type, overrides: bool = False) -> str:
-    """A help block listing every setting with its default and docstring (overrides: the verb takes key=value)."""
-    docs = field_docs(cls)
-    lines = [f"Settings (YAML keys for --config{', or key=value arguments' if overrides else ''}):"]
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  {f.name} = {default!r}: {docs.get(f.name, '')}")
-    return "\n".join(lines)
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -114,10 +114,10 @@ LM_OUTPUT_STD = 96**-0.5  # the tiny language model is 96 wide
 def demo(cfg: DemoConfig) -> Path:
     """Run the demo into cfg.out and return the report folder."""
     from vlm_inspect.config import build_config
-    from vlm_inspect.data.prepare import prepare
     from vlm_inspect.data.synthetic import write_dataset_folders
-    from vlm_inspect.evaluate.run import evaluate
-    from vlm_inspect.models.tiny import save_tiny_model
+    from vlm_inspect.evaluate import evaluate
+    from vlm_inspect.models.families.llava import save_tiny_model
+    from vlm_inspect.prepare import prepare
     from vlm_inspect.train import train
 
     size = FAST if cfg.fast else FULL
@@ -324,12 +324,11 @@ def _fresh_folder(out: Path, overwrite: bool) -> Path | None:
 
 
 def _print_summary(report: Path, times: dict[str, float]) -> None:
-    """Time per stage and where the report is; `evaluate` has just printed the results table."""
+    """Time per stage; `evaluate` has just printed the results table and where the report is."""
     timing = Table(title="Time")
     timing.add_column("stage")
     timing.add_column("seconds", justify="right")
     for stage, seconds in times.items():
         timing.add_row(stage, f"{seconds:.0f}")
     timing.add_row("total", f"{sum(times.values()):.0f}")
-    console.print(timing)
-    console.print(f"report: [bold]{report / 'report.html'}[/]")
+    console.print(timing)  # evaluate has printed where the report is

@@ -8,6 +8,8 @@ import platform
 from rich.console import Console
 from rich.table import Table
 
+from vlm_inspect.config import EnvConfig
+
 CORE = ["vlm-inspect", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "pillow"]
 EXTRAS = {
     "serve": ["fastapi", "uvicorn"],
@@ -41,7 +43,7 @@ def env_report() -> dict:
     }
 
 
-def print_env() -> dict:
+def env(cfg: EnvConfig | None = None) -> dict:
     """Print env_report as tables and return it."""
     report = env_report()
     console = Console()

@@ -12,25 +12,22 @@ same way; the processor is saved with the run's image-token budget.
 from __future__ import annotations
 
 import gc
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from PIL import Image, ImageDraw
 from rich.console import Console
 
-from vlm_inspect.config import RESOLVED_CONFIG_NAME, MergeConfig, require, save_config
-from vlm_inspect.errors import ConfigError, ModelFolderError
-from vlm_inspect.models.adapter import attach_adapter, resolve_adapter_dir
+from vlm_inspect.config import MergeConfig, TrainConfig, require, save_config
+from vlm_inspect.errors import ConfigError, DataError, ModelFolderError
+from vlm_inspect.folders import DatasetFolder, ModelFolder, open_adapter
+from vlm_inspect.models.adapter import attach_adapter
 from vlm_inspect.models.chat import prompt, render
-from vlm_inspect.models.convert import SHARD_SIZE, staged_folder
-from vlm_inspect.models.load import DTYPES, load_model, load_processor, resolve_device
+from vlm_inspect.models.load import DTYPES, SHARD_SIZE, load_model, load_processor, resolve_device
+from vlm_inspect.outputs import staged_output
 
-TRAIN_CONFIG_NAME = "train_config.yaml"
 DEFAULT_QUESTION = "Is this product OK or NG?"
 MAX_PROBES = 2
 # Largest logit difference accepted between the adapter model and the saved merged model, as a
@@ -65,18 +62,19 @@ def merge(cfg: MergeConfig) -> Path:
         OutputExistsError: `out` exists and `overwrite` is off.
     """
     _check_settings(cfg)
-    adapter_dir = resolve_adapter_dir(cfg.adapter)
-    run_config_path = _run_config_path(adapter_dir)
-    run_config = _read_yaml(run_config_path) if run_config_path else {}
+    base = ModelFolder.open(cfg.model)
+    adapter_dir, run = open_adapter(cfg.adapter)
+    trained = run.config() if run else None
     device = resolve_device("auto")
     # fp32 on CPU: fp16 matmuls are missing or slow there, and the merge itself loses nothing.
     work_dtype = torch.float32 if device.type == "cpu" else DTYPES[cfg.dtype]
-    with staged_folder(cfg.out, cfg.overwrite, (cfg.model, cfg.adapter), kind="MergeConfig") as tmp:
-        processor = load_processor(cfg.model, run_config.get("image_max_tokens"))
-        probes = probe_inputs(run_config, processor)
+    with staged_output(cfg.out, cfg.overwrite, "MergeConfig", (cfg.model, cfg.adapter)) as tmp:
+        processor = load_processor(base, trained.image_max_tokens if trained else None)
+        probes = probe_inputs(trained, processor)
         batch = _batch(processor, probes)
-        adapter_logits = _merge_and_save(cfg, adapter_dir, tmp, batch, work_dtype, device)
+        adapter_logits = _merge_and_save(cfg, base, adapter_dir, tmp, batch, work_dtype, device)
         processor.save_pretrained(tmp)
+        base.copy_side_files(tmp)
         # The check runs on what was written, so a bad cast or save fails it too.
         merged_logits = _saved_model_logits(tmp, batch, work_dtype, device)
         diff, allowed = _compare(adapter_logits, merged_logits, cfg.dtype)
@@ -85,15 +83,16 @@ def merge(cfg: MergeConfig) -> Path:
                 f"{cfg.out}: merge check failed: the merged model's logits differ from the adapter model's by "
                 f"up to {diff:.4g} (allowed for {cfg.dtype}: {allowed:.4g}) on {probes.source}; nothing was saved"
             )
-        if run_config_path:
-            shutil.copyfile(run_config_path, tmp / TRAIN_CONFIG_NAME)
+        if run is not None:
+            run.describe_model(tmp)
         save_config(cfg, tmp)
-    _print_summary(cfg, adapter_dir, run_config, probes, diff, allowed, device)
+    _print_summary(cfg, adapter_dir, trained, probes, diff, allowed, device)
     return Path(cfg.out)
 
 
 def _merge_and_save(
     cfg: MergeConfig,
+    base: ModelFolder,
     adapter_dir: Path,
     folder: Path,
     batch: dict[str, torch.Tensor],
@@ -101,7 +100,7 @@ def _merge_and_save(
     device: torch.device,
 ) -> torch.Tensor:
     """Merge the adapter into the unquantized base, save it in cfg.dtype; the adapter model's probe logits."""
-    model = attach_adapter(load_model(cfg.model, dtype=dtype, device=device), adapter_dir)
+    model = attach_adapter(load_model(base, dtype=dtype, device=device), adapter_dir)
     adapter_logits = probe_logits(model, batch)
     merged = merge_weights(model)
     merged.to(DTYPES[cfg.dtype]).save_pretrained(folder, max_shard_size=SHARD_SIZE)
@@ -133,34 +132,17 @@ def merge_weights(model: Any) -> Any:
     return model.merge_and_unload()
 
 
-def _run_config_path(adapter_dir: Path) -> Path | None:
-    """The training run's resolved config: `RUN/config.yaml` when the adapter is `RUN/adapter`."""
-    path = adapter_dir.parent / RESOLVED_CONFIG_NAME
-    if adapter_dir.name == "adapter" and path.exists() and _read_yaml(path).get("kind") == "TrainConfig":
-        return path
-    return None
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ModelFolderError(f"{path}: not valid YAML ({err})") from None
-    return data if isinstance(data, dict) else {}
-
-
 # ------------------------------------------------------------------ probes
 
 
-def probe_inputs(run_config: dict, processor: Any) -> Probes:
+def probe_inputs(trained: TrainConfig | None, processor: Any) -> Probes:
     """Up to MAX_PROBES image + conversation pairs from the run's training data.
 
     Falls back to a drawn box and a default question when the run names no dataset that can be
     read here (an adapter folder alone, or a dataset moved since training).
     """
-    data = run_config.get("data")
-    if data:
-        found = _dataset_probes(Path(data), processor)
+    if trained is not None:
+        found = _dataset_probes(Path(trained.data), processor)
         if found is not None:
             return found
     image = Image.new("RGB", (320, 240), (236, 236, 232))
@@ -171,15 +153,15 @@ def probe_inputs(run_config: dict, processor: Any) -> Probes:
 
 
 def _dataset_probes(data: Path, processor: Any) -> Probes | None:
-    """Probes from a dataset folder (its train.json) or a LLaVA JSON file; None if unreadable."""
-    train_json, image_root = (data / "train.json", data) if data.is_dir() else (data, data.parent)
+    """Probes from the run's dataset folder or LLaVA JSON file; None if it cannot be read here."""
     try:
-        records = json.loads(train_json.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        dataset = DatasetFolder.open(data)
+        samples = dataset.samples()
+    except DataError:
         return None
     images, texts = [], []
-    for record in records if isinstance(records, list) else []:
-        sample = _record_probe(record, image_root, processor)
+    for record in samples:
+        sample = _record_probe(record, dataset.image_root, processor)
         if sample:
             images.append(sample[0])
             texts.append(sample[1])
@@ -187,7 +169,7 @@ def _dataset_probes(data: Path, processor: Any) -> Probes | None:
             break
     if not images:
         return None
-    return Probes(images, texts, f"{len(images)} training sample(s) of {train_json}")
+    return Probes(images, texts, f"{len(images)} training sample(s) of {dataset.train_json}")
 
 
 def _record_probe(record: object, image_root: Path, processor: Any) -> tuple[Image.Image, str] | None:
@@ -240,7 +222,7 @@ def _free(device: torch.device) -> None:
 def _print_summary(
     cfg: MergeConfig,
     adapter_dir: Path,
-    run_config: dict,
+    trained: TrainConfig | None,
     probes: Probes,
     diff: float,
     allowed: float,
@@ -252,7 +234,7 @@ def _print_summary(
         f"  saved as {cfg.dtype} (merged in {merged_in})",
         f"  checked on {probes.source}: largest logit difference {diff:.3g} (allowed {allowed:.3g})",
     ]
-    if run_config.get("method") == "qlora":
+    if trained is not None and trained.method == "qlora":
         lines.insert(1, "  QLoRA run: merged onto the unquantized base, never onto 4-bit weights")
     for line in lines:
         console.print(line, highlight=False, soft_wrap=True)

@@ -32,6 +32,7 @@ _OUR_KINDS = {
     "ConvertConfig",
     "EvaluateConfig",
     "DemoConfig",
+    "ExportConfig",
 }
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<what>partial|old)-(?P<pid>\d+)$")
 

@@ -9,6 +9,7 @@ Run as: vlm-inspect train --model MODEL --data DATASET --out RUN [key=value ...]
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,10 +17,11 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from vlm_inspect.config import TrainConfig, require, save_config
+from vlm_inspect.config import TrainConfig, image_budget_problems, require, save_config
 from vlm_inspect.errors import ConfigError, OutputExistsError, VlmInspectError
+from vlm_inspect.folders import DatasetFolder, ModelFolder, RunFolder
 from vlm_inspect.outputs import check_inputs_exist, check_replaceable, is_ours, remove_tree, set_aside, settle_leftovers
-from vlm_inspect.plan import ADAPTER_DIR, CHECKPOINTS, FULL_MODEL_DIR, make_plan
+from vlm_inspect.training.plan import make_plan
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -45,8 +47,7 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"gpus: {cfg.gpus!r} is not a comma-separated list of GPU ids like 0,2")
     if cfg.train_vision_tower and cfg.method != "full":
         problems.append("train_vision_tower needs method=full")
-    if cfg.image_max_tokens is not None and cfg.image_max_tokens < 16:
-        problems.append(f"image_max_tokens: {cfg.image_max_tokens} is below 16; a photo would be a few pixels")
+    problems += image_budget_problems(cfg.image_max_tokens)
     if cfg.precision == "fp8" and cfg.method != "lora":
         problems.append(f"precision: fp8 keeps a frozen base in FP8 under LoRA; it needs method=lora, not {cfg.method}")
     if cfg.resume and cfg.overwrite:
@@ -56,31 +57,35 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Fine-tune and write RUN/ (adapter/ or model/, config.yaml, metrics.jsonl, checkpoints/).
+    """Fine-tune and write RUN/ (adapter/ or model/, config.yaml, dataset.json, metrics.jsonl, checkpoints/).
+
+    The model and dataset folders are checked before `out` is touched.
 
     Returns:
         The run folder.
     """
     validate(cfg)
-    resolve_image_budget(cfg)
-    run = Path(cfg.out)
+    check_inputs_exist({"model": cfg.model, "data": cfg.data})
+    model, data = ModelFolder.open(cfg.model), DatasetFolder.open(cfg.data)
+    samples = data.samples()
+    cfg = resolved(cfg, model)
+    run = RunFolder(Path(cfg.out))
     if cfg.distributed and "LOCAL_RANK" not in os.environ:
-        previous = prepare_run_folder(cfg, run)
+        previous = prepare_run_folder(cfg, run, data)
         return finish_replacing(launch_distributed(cfg, run), previous)
     select_gpus(cfg.gpus)  # before anything asks CUDA about devices
     if cfg.method == "qlora" and not _cuda_available():
         raise ConfigError(["method: qlora needs a CUDA GPU (bitsandbytes 4-bit); use method=lora on this machine"])
-    previous = prepare_run_folder(cfg, run) if "LOCAL_RANK" not in os.environ else None
-    return finish_replacing(_train_in_process(cfg, run), previous)
+    previous = prepare_run_folder(cfg, run, data) if "LOCAL_RANK" not in os.environ else None
+    return finish_replacing(_train_in_process(cfg, run, model, data, samples), previous)
 
 
-def resolve_image_budget(cfg: TrainConfig) -> None:
-    """Fix the run's image-token budget (the family's default when unset) so the saved config, and every
-    later verb that reads it, uses the resolution this run was trained at."""
-    from vlm_inspect.models.load import folder_family
-
-    if cfg.image_max_tokens is None:
-        cfg.image_max_tokens = folder_family(cfg.model).default_image_max_tokens
+def resolved(cfg: TrainConfig, model: ModelFolder) -> TrainConfig:
+    """The settings with the run's image-token budget fixed (the family's default when unset), so the saved
+    config, and every later verb that reads it, uses the resolution this run was trained at."""
+    if cfg.image_max_tokens is not None:
+        return cfg
+    return dataclasses.replace(cfg, image_max_tokens=model.family.default_image_max_tokens)
 
 
 def _cuda_available() -> bool:
@@ -89,35 +94,35 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def prepare_run_folder(cfg: TrainConfig, run: Path) -> Path | None:
-    """Check the inputs, then refuse to clobber a run unless told; write the resolved config.
+def prepare_run_folder(cfg: TrainConfig, run: RunFolder, data: DatasetFolder) -> Path | None:
+    """Refuse to clobber a run unless told; write the resolved config and the dataset's facts.
 
     Returns the previous run set aside by --overwrite (`.RUN.old-PID`), to delete once the new one is done.
     """
-    check_inputs_exist({"model": cfg.model, "data": cfg.data})
-    for line in settle_leftovers(run):
+    folder = run.path
+    for line in settle_leftovers(folder):
         print(line, flush=True)
-    if cfg.resume and run.exists() and any(run.iterdir()):
-        from vlm_inspect.resume import check_resume
+    if cfg.resume and folder.exists() and any(folder.iterdir()):
+        from vlm_inspect.training.checkpoints import check_resume
 
         check_resume(cfg, run)  # the saved config.yaml stays as the run started
         return None
-    finished = (run / ADAPTER_DIR).exists() or (run / FULL_MODEL_DIR).exists()
-    started = run.exists() and any(run.iterdir())
+    started = folder.exists() and any(folder.iterdir())
     previous = None
     if started and cfg.overwrite:
-        check_replaceable(run, True, [cfg.model, cfg.data])
-        previous = set_aside(run)
-    elif finished:
-        raise OutputExistsError(f"{run}: holds a finished run; pass --overwrite to replace it or pick another --out")
-    elif started and ((run / CHECKPOINTS).exists() or is_ours(run)):
-        raise OutputExistsError(f"{run}: holds an unfinished run; pass --resume to continue it or --overwrite")
+        check_replaceable(folder, True, [cfg.model, cfg.data])
+        previous = set_aside(folder)
+    elif run.is_finished():
+        raise OutputExistsError(f"{folder}: holds a finished run; pass --overwrite to replace it or pick another --out")
+    elif started and (run.checkpoints_path.exists() or is_ours(folder)):
+        raise OutputExistsError(f"{folder}: holds an unfinished run; pass --resume to continue it or --overwrite")
     elif started:
-        raise OutputExistsError(f"{run}: exists and is not empty; pick another --out or pass --overwrite")
+        raise OutputExistsError(f"{folder}: exists and is not empty; pick another --out or pass --overwrite")
     elif cfg.resume:
-        raise OutputExistsError(f"{run}: no run to resume here; drop --resume to start one")
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run)
+        raise OutputExistsError(f"{folder}: no run to resume here; drop --resume to start one")
+    folder.mkdir(parents=True, exist_ok=True)
+    data.facts().write(run.dataset_path)
+    save_config(cfg, folder)
     return previous
 
 
@@ -144,7 +149,7 @@ def accelerate_config_path(name: str, suffix: str = ".yaml") -> Path:
     return Path(str(resources.files("vlm_inspect") / "configs" / "accelerate" / f"{name}{suffix}"))
 
 
-def launch_distributed(cfg: TrainConfig, run: Path) -> Path:
+def launch_distributed(cfg: TrainConfig, run: RunFolder) -> Path:
     """Run this same training code in N processes through `accelerate launch`."""
     import torch
 
@@ -165,13 +170,13 @@ def launch_distributed(cfg: TrainConfig, run: Path) -> Path:
     if cuda:  # on CPU the same config runs N gloo processes through torchrun
         cmd += ["--gpu_ids", ",".join(gpu_ids)]
     # A resume keeps the run's config.yaml as it started; the settings it may change travel in a file of their own.
-    settings = save_config(cfg, run, ".resume-config.yaml") if cfg.resume else run / "config.yaml"
+    settings = save_config(cfg, run.path, ".resume-config.yaml") if cfg.resume else run.config_path
     cmd += ["-m", "vlm_inspect.train", str(settings)]
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled" if cfg.report_to != "wandb" else "")}
     result = subprocess.run(cmd, env=env, check=False)
     if result.returncode != 0:
         raise VlmInspectError(f"distributed training failed (exit {result.returncode}); see the log above")
-    return run
+    return run.path
 
 
 def _free_port() -> int:
@@ -185,50 +190,49 @@ def _free_port() -> int:
 # ------------------------------------------------------------------ in-process training
 
 
-def _train_in_process(cfg: TrainConfig, run: Path) -> Path:
+def _train_in_process(
+    cfg: TrainConfig, run: RunFolder, model_folder: ModelFolder, data: DatasetFolder, samples: list[dict]
+) -> Path:
     import torch
     from accelerate import PartialState
     from transformers import set_seed
 
-    from vlm_inspect.data.dataset import Collator, load_training_dataset
-    from vlm_inspect.models.load import folder_family, load_processor, resolve_dtype
-    from vlm_inspect.trainer import (
-        build_model,
-        build_trainer,
-        choose_batch_size,
-        latest_complete_checkpoint,
-        print_plan,
-        save_final,
-    )
+    from vlm_inspect.data.dataset import Collator, ConversationDataset
+    from vlm_inspect.models.load import load_processor, resolve_dtype
+    from vlm_inspect.training.loop import build_trainer, print_plan, save_final
+    from vlm_inspect.training.memory import choose_batch_size
+    from vlm_inspect.training.model import build_model
 
     state = PartialState(cpu=not torch.cuda.is_available())  # gloo across CPU processes
     set_seed(cfg.seed)  # before the model: LoRA's A matrices are drawn at creation
     device = state.device
     dtype = resolve_dtype(cfg.precision, device)
-    processor = load_processor(cfg.model, cfg.image_max_tokens)
-    model, trainable = build_model(cfg, dtype, device)
-    dataset = load_training_dataset(
-        cfg.data,
+    family = model_folder.family
+    processor = load_processor(model_folder, cfg.image_max_tokens)
+    model, trainable = build_model(cfg, model_folder, dtype, device)
+    dataset = ConversationDataset(
+        samples,
+        data.image_root,
         processor,
         max_length=cfg.max_length,
-        square_pad=folder_family(cfg.model).square_pad,
+        square_pad=family.square_pad,
         image_aspect=cfg.image_aspect,
         augment=cfg.augment,
         seed=cfg.seed,
     )
-    folder_family(cfg.model).check_side_inputs(model, dataset[0], cfg.model)
+    family.check_side_inputs(model, dataset[0], model_folder.path)
     batch_size, checkpointing = choose_batch_size(cfg, model, dataset, device)
     plan = make_plan(cfg, len(dataset), state.num_processes, batch_size)
     if state.is_main_process:
         print_plan(cfg, plan, trainable, model, device, dtype, checkpointing)
-    resume_from = latest_complete_checkpoint(run) if cfg.resume else None
+    resume_from = run.latest_complete_checkpoint() if cfg.resume else None
     trainer = build_trainer(
-        cfg, run, model, dataset, Collator(processor.tokenizer.pad_token_id), plan, dtype, checkpointing, resume_from
+        cfg, run, model, dataset, Collator(processor.tokenizer.pad_token_id), plan, dtype, checkpointing
     )
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    save_final(cfg, run, trainer, processor)  # every process: DeepSpeed gathers weights to save
+    save_final(cfg, run, trainer, processor, model_folder)  # every process: DeepSpeed gathers weights to save
     state.wait_for_everyone()
-    return run
+    return run.path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg.resume = cfg.resume or bool(json.loads(os.environ.get("VLM_INSPECT_RESUME", "false")))
     try:
         select_gpus(None)
-        _train_in_process(cfg, Path(cfg.out))
+        data = DatasetFolder.open(cfg.data)
+        _train_in_process(cfg, RunFolder(Path(cfg.out)), ModelFolder.open(cfg.model), data, data.samples())
     except VlmInspectError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -16,47 +16,18 @@ from typing import Any
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from vlm_inspect.data.images import fit_model_input, load_image
-from vlm_inspect.data.llava_json import read_contained_llava_json
+from vlm_inspect.data.images import load_image, square_image
 from vlm_inspect.errors import DataError
+from vlm_inspect.folders import DatasetFolder
 from vlm_inspect.models.chat import Conversation, conversation
 
 IGNORE_INDEX = -100
-
-
-def dataset_paths(data: str | Path) -> tuple[Path, Path]:
-    """(train JSON, image folder) for a prepare dataset folder or a LLaVA JSON file."""
-    path = Path(data)
-    if path.is_dir():
-        if not (path / "train.json").exists():
-            raise DataError(f"{path}: no train.json; make a dataset with `vlm-inspect prepare`")
-        if (path / "images").is_dir() and not (path / "manifest.json").exists():
-            raise DataError(f"{path}: no manifest.json, so `prepare` did not finish; run it again")
-        return path / "train.json", path
-    if path.suffix == ".json" and path.exists():
-        return path, path.parent
-    raise DataError(f"{path}: no such dataset folder or LLaVA JSON file")
 
 
 def conversation_turns(sample: dict) -> list[tuple[str, str]]:
     """(question, answer) pairs of an original-format sample."""
     conv = sample["conversations"]
     return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]
-
-
-def square_image(image: Image.Image, image_mean: list[float], aspect: str) -> Image.Image:
-    """LLaVA-1.5 'pad': centre on a square of the processor's mean colour; 'crop' leaves it.
-
-    Either way a photo over `MODEL_INPUT_MAX_SIDE` (2048) is shrunk first, so memory stays bounded.
-    """
-    image = fit_model_input(image)
-    if aspect != "pad" or image.width == image.height:
-        return image
-    side = max(image.size)
-    fill = tuple(int(x * 255) for x in image_mean)
-    canvas = Image.new("RGB", (side, side), fill)
-    canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-    return canvas
 
 
 def augment_image(image: Image.Image, boxes: list[list[float]], rng: random.Random) -> Image.Image:
@@ -163,12 +134,9 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 
 def load_training_dataset(data: str | Path, processor: Any, **kwargs: Any) -> ConversationDataset:
-    """Read and check the dataset, then wrap it for training."""
-    json_path, image_root = dataset_paths(data)
-    samples = read_contained_llava_json(json_path, image_root)
-    if not samples:
-        raise DataError(f"{json_path}: no samples")
-    return ConversationDataset(samples, image_root, processor, **kwargs)
+    """The samples of a dataset folder or LLaVA JSON file (`folders.DatasetFolder`), wrapped for training."""
+    dataset = DatasetFolder.open(data)
+    return ConversationDataset(dataset.samples(), dataset.image_root, processor, **kwargs)
 
 
 @dataclass

@@ -192,11 +192,18 @@ def fit_model_input(image: Image.Image, max_side: int = MODEL_INPUT_MAX_SIDE) ->
     The image processor shrinks every photo to ~336 pixels anyway; shrinking first keeps the padded
     square and the processor's float copy of a 50 MP photo to a few tens of MB.
     """
-    if max(image.size) <= max_side:
+    size = model_input_size(image.width, image.height, max_side)
+    if size == image.size:
         return image
-    scale = max_side / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.BICUBIC, reducing_gap=3.0)
+
+
+def model_input_size(width: int, height: int, max_side: int = MODEL_INPUT_MAX_SIDE) -> tuple[int, int]:
+    """The size `fit_model_input` gives a `width` × `height` photo."""
+    if max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -263,3 +270,18 @@ def _images_in_folder(folder: Path) -> list[Path]:
         and p.suffix.lower() in IMAGE_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     ]
+
+
+def square_image(image: Image.Image, image_mean: list[float], aspect: str) -> Image.Image:
+    """LLaVA-1.5 'pad': centre on a square of the processor's mean colour; 'crop' leaves it.
+
+    Either way a photo over `MODEL_INPUT_MAX_SIDE` (2048) is shrunk first, so memory stays bounded.
+    """
+    image = fit_model_input(image)
+    if aspect != "pad" or image.width == image.height:
+        return image
+    side = max(image.size)
+    fill = tuple(int(x * 255) for x in image_mean)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return canvas

@@ -1,13 +1,12 @@
 """What differs between model families, in one record per family; the rest of the code is family-blind.
 
-A family is found from the folder's `config.json` (`model_type`), never from a flag. Each family's record
-lives in `models/families/<name>.py` beside the recipe of its tiny test model.
+Each family's record lives in `models/families/<name>.py` beside the recipe of its tiny test model; the list of
+families and the look-ups by name and `model_type` are in `models/families/__init__.py`.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,9 @@ class Family:
     decoder) are on for it."""
     compile_training: bool = False
     """Whether `train` compiles the decoder layers on a GPU by default (on where it was measured to help)."""
+    foreign_layout: Callable[[dict], str | None] | None = None
+    """Given a folder's config.json, what to do when it is this family in another repository's layout (a message
+    with `{folder}` in it; LLaVA-1.5: the original repo's, which `convert` turns into llava-hf), else None."""
     build_tiny: Callable[..., Path] = field(default=None, repr=False)  # type: ignore[assignment]
     """Builds and saves a tiny random model, tokenizer and processor of this family (tests, trials)."""
 
@@ -93,11 +95,7 @@ class Family:
         return [f"model.{self.vision}", f"model.{self.projector}", self.vision, self.projector_leaf, "lm_head"]
 
     def seen(self, processor: Any, width: int, height: int) -> tuple[float, float]:
-        """What a `width` × `height` photo becomes in the encoder's pixels (after any shrink for memory)."""
-        from vlm_inspect.data.images import MODEL_INPUT_MAX_SIDE
-
-        shrink = min(1.0, MODEL_INPUT_MAX_SIDE / max(width, height))
-        width, height = round(width * shrink), round(height * shrink)
+        """What a `width` × `height` model input becomes in the encoder's pixels."""
         return (self.seen_size or square_view)(processor, width, height)
 
     def set_resolution(self, processor: Any, image_max_tokens: int | None) -> int | None:
@@ -115,41 +113,3 @@ def square_view(processor: Any, width: int, height: int) -> tuple[float, float]:
     view = getattr(image_processor, "crop_size", None) or image_processor.size
     scale = view["height"] / max(width, height)
     return width * scale, height * scale
-
-
-def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ModelFolderError(f"{path}: not valid JSON ({err})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ModelFolderError(f"{path}: cannot be read ({err})") from None
-
-
-def all_families() -> tuple[Family, ...]:
-    from vlm_inspect.models.families import gemma3, internvl, llava, qwen2_5_vl, qwen3_vl
-
-    return (llava.FAMILY, qwen2_5_vl.FAMILY, qwen3_vl.FAMILY, internvl.FAMILY, gemma3.FAMILY)
-
-
-def family_named(name: str) -> Family:
-    for family in all_families():
-        if family.name == name:
-            return family
-    known = ", ".join(f.name for f in all_families())
-    raise ModelFolderError(f"unknown model family {name!r}; known: {known}")
-
-
-def family_of(model_type: str | None, where: Any = "") -> Family:
-    """The family whose config says `model_type`; a ModelFolderError naming `where` otherwise."""
-    for family in all_families():
-        if model_type in family.model_types:
-            return family
-    known = ", ".join(t for f in all_families() for t in f.model_types)
-    raise ModelFolderError(f"{where}: model_type is {model_type!r}; vlm-inspect reads {known}")
-
-
-def family_of_model(model: Any) -> Family:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return family_of(base.config.model_type, type(base).__name__)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from vlm_inspect.models.family import family_of_model
+from vlm_inspect.models.families import family_of_model
 
 # Decoders are made per (batch, KV-cache length rounded up to this): prompts of similar length share one.
 DECODE_LENGTH_STEP = 64

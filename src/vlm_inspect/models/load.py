@@ -1,4 +1,4 @@
-"""Load a model folder of any supported family (models/family.py) with clear errors.
+"""Load a checked model folder (`folders.ModelFolder`) of any supported family, with clear errors.
 
 Weights stream shard by shard to their device: no full fp32 copy is made in host RAM. Processors that ask
 for a video processor (Qwen, InternVL) load without one where torchvision is missing: photos need none.
@@ -15,12 +15,13 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlm_inspect.errors import ModelFolderError
-from vlm_inspect.models.family import Family, family_of, read_config
+from vlm_inspect.folders import ModelFolder
+from vlm_inspect.models.families.common import without_video
 from vlm_inspect.models.fp8 import resolve_compute_dtype
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# Shard size of the model folders we write (convert, merge); llava-hf/llava-1.5-7b-hf uses 5 GB shards too.
+SHARD_SIZE = "5GB"
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -42,49 +43,11 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def check_model_folder(path: str | Path) -> Path:
-    """Raise ModelFolderError naming what is missing, or saying which layout the folder is."""
-    folder = Path(path)
-    if not folder.exists():
-        raise ModelFolderError(f"{folder}: no such model folder")
-    if not folder.is_dir():
-        raise ModelFolderError(f"{folder}: is a file, expected a model folder")
-    if not (folder / "config.json").exists():
-        if (folder / "adapter_config.json").exists():
-            raise ModelFolderError(
-                f"{folder}: holds an adapter, not a model; pass it as --adapter and the base model as --model"
-            )
-        raise ModelFolderError(f"{folder}: missing config.json; is this a model folder?")
-    config = read_config(folder)
-    if "mm_vision_tower" in config or config.get("model_type") == "llava_llama":
-        raise ModelFolderError(
-            f"{folder}: this is the original LLaVA layout (liuhaotian/...); convert it first:\n"
-            f"  vlm-inspect convert --llava {folder} --vision-tower CLIP_DIR --out {folder}-hf"
-        )
-    family_of(config.get("model_type"), folder / "config.json")
-    missing = []
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        missing.append("weights (*.safetensors)")
-    if not any((folder / f).exists() for f in _TOKENIZER_FILES):
-        missing.append("tokenizer (tokenizer.json or tokenizer.model)")
-    if not any((folder / f).exists() for f in _PROCESSOR_FILES):
-        missing.append("image processor (processor_config.json or preprocessor_config.json)")
-    if missing:
-        raise ModelFolderError(f"{folder}: missing {', '.join(missing)}")
-    return folder
-
-
-def folder_family(path: str | Path) -> Family:
-    """The family of a checked model folder, from its config.json."""
-    folder = check_model_folder(path)
-    return family_of(read_config(folder).get("model_type"), folder / "config.json")
-
-
-def load_processor(path: str | Path, image_max_tokens: int | None = None) -> Any:
+def load_processor(model: str | Path | ModelFolder, image_max_tokens: int | None = None) -> Any:
     """The folder's processor with the family's chat template and resolution; left padding so batched
     prompts end together."""
-    folder = check_model_folder(path)
-    family = folder_family(folder)
+    model = ModelFolder.open(model)
+    folder, family = model.path, model.family
     try:
         processor = AutoProcessor.from_pretrained(folder)
     except (ImportError, AttributeError, ValueError, OSError) as err:
@@ -102,15 +65,6 @@ def load_processor(path: str | Path, image_max_tokens: int | None = None) -> Any
     return processor
 
 
-def without_video(cls: type) -> type:
-    """`cls` without its video processor, under the same name (so a saved folder names the real class).
-
-    The Qwen and InternVL processors require a video processor, which requires torchvision, whose PyPI
-    wheel does not import beside the CPU torch build; inspection photos never need it."""
-    attributes = [a for a in cls.get_attributes() if a != "video_processor"]
-    return type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda _: attributes)})
-
-
 def _processor_without_video(folder: Path) -> Any:
     import transformers
 
@@ -122,13 +76,13 @@ def _processor_without_video(folder: Path) -> Any:
 
 
 def load_model(
-    path: str | Path,
+    model: str | Path | ModelFolder,
     dtype: torch.dtype | str = "auto",
     device: torch.device | str = "auto",
     quantization_config: object | None = None,
 ) -> Any:
     """Load weights straight to `device` in `dtype` (shard by shard, low host RAM)."""
-    folder = check_model_folder(path)
+    folder = ModelFolder.open(model).path
     device = resolve_device(device) if isinstance(device, str) else device
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, device)

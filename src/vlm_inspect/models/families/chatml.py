@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlm_inspect.models.tiny import build_tokenizer
+from vlm_inspect.models.families.common import build_tokenizer
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -32,25 +32,3 @@ def chatml_tokenizer(specials: tuple[str, ...], template: str, named: dict[str, 
     return build_tokenizer(
         specials=(IM_START, IM_END, *specials), eos=IM_END, add_bos=False, named=named, chat_template=template
     )
-
-
-def vocab_size(tokenizer: Any) -> int:
-    return -(-len(tokenizer) // 64) * 64
-
-
-def tiny_text_config(tokenizer: Any, **changes: Any) -> dict:
-    """The 2-layer, 64-wide language model every family's tiny model uses (plus the family's `changes`)."""
-    return {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": vocab_size(tokenizer),
-        "max_position_embeddings": 4096,
-        "bos_token_id": None,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "tie_word_embeddings": False,
-        **changes,
-    }

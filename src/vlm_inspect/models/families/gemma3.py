@@ -6,10 +6,8 @@ from pathlib import Path
 
 import torch
 
-from vlm_inspect.models.families.chatml import tiny_text_config
-from vlm_inspect.models.families.qwen2_5_vl import save
+from vlm_inspect.models.families.common import build_tokenizer, save, tiny_text_config
 from vlm_inspect.models.family import Family
-from vlm_inspect.models.tiny import build_tokenizer
 
 IMAGE_PARTS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
 TEMPLATE = (

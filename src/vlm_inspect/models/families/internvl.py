@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer, tiny_text_config
-from vlm_inspect.models.families.qwen2_5_vl import save
+from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer
+from vlm_inspect.models.families.common import save, tiny_text_config, without_video
 from vlm_inspect.models.family import Family
 
 IMAGE_PARTS = {
@@ -47,8 +47,6 @@ def build_tiny(out: str | Path, seed: int = 0) -> Path:
         InternVLForConditionalGeneration,
         InternVLProcessor,
     )
-
-    from vlm_inspect.models.load import without_video
 
     template = chatml_template("<IMG_CONTEXT>\n")
     tok = chatml_tokenizer(tuple(IMAGE_PARTS.values()), template, named=IMAGE_PARTS)

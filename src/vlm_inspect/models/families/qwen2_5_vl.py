@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer, tiny_text_config
+from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer
+from vlm_inspect.models.families.common import save, tiny_text_config, without_video
 from vlm_inspect.models.family import Family
 
 IMAGE_PARTS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
@@ -49,8 +50,6 @@ def build_tiny(out: str | Path, seed: int = 0, vision_patch: int = 14) -> Path:
         Qwen2VLImageProcessorPil,
     )
 
-    from vlm_inspect.models.load import without_video
-
     template = chatml_template("<|vision_start|><|image_pad|><|vision_end|>", "You are a helpful assistant.")
     tok = chatml_tokenizer(IMAGE_PARTS, template)
     ids = tok.convert_tokens_to_ids
@@ -84,17 +83,6 @@ def build_tiny(out: str | Path, seed: int = 0, vision_patch: int = 14) -> Path:
     )
     set_token_budget(processor, 64)
     return save(out, model, processor, tok)
-
-
-def save(out: str | Path, model: Any, processor: Any, tokenizer: Any) -> Path:
-    """Save a tiny model with generation defaults that end answers at the turn's end."""
-    out = Path(out)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
 
 
 FAMILY = Family(

@@ -7,15 +7,14 @@ from pathlib import Path
 
 import torch
 
-from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer, tiny_text_config
+from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer
+from vlm_inspect.models.families.common import save, tiny_text_config, without_video
 from vlm_inspect.models.families.qwen2_5_vl import FAMILY as QWEN2_5_VL
-from vlm_inspect.models.families.qwen2_5_vl import IMAGE_PARTS, save, set_token_budget
+from vlm_inspect.models.families.qwen2_5_vl import IMAGE_PARTS, set_token_budget
 
 
 def build_tiny(out: str | Path, seed: int = 0) -> Path:
     from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-
-    from vlm_inspect.models.load import without_video
 
     template = chatml_template("<|vision_start|><|image_pad|><|vision_end|>")
     tok = chatml_tokenizer(IMAGE_PARTS, template)

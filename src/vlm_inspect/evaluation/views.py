@@ -13,6 +13,8 @@ from typing import Any
 
 from PIL import Image
 
+from vlm_inspect.data.images import model_input_size
+
 
 def patch_px(model: Any) -> int:
     """The vision encoder's patch side, in the pixels it reads."""
@@ -35,7 +37,7 @@ def model_view(predictor: Any, items: Sequence[Any]) -> dict:
         boxes = [d for d in item.defects or [] if d.get("box")] if item.label == "NG" else []
         if not boxes:
             continue
-        scale = family.seen(processor, width, height)[0] / width
+        scale = family.seen(processor, *model_input_size(width, height))[0] / width
         for defect in boxes:
             x0, y0, x1, y1 = defect["box"]
             seen = [round((x1 - x0) * scale, 1), round((y1 - y0) * scale, 1)]
@@ -49,7 +51,7 @@ def model_view(predictor: Any, items: Sequence[Any]) -> dict:
                 }
             )
     width, height = _typical(sizes)
-    seen_width, seen_height = family.seen(processor, width, height)
+    seen_width, seen_height = family.seen(processor, *model_input_size(width, height))
     return {
         "family": family.name,
         "patch_px": patch,

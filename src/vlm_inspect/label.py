@@ -15,6 +15,8 @@ from rich.console import Console
 from vlm_inspect.config import LabelConfig, require
 from vlm_inspect.data.images import find_images, load_image
 from vlm_inspect.errors import ConfigError, DataError
+from vlm_inspect.service.http import bind, run_server
+from vlm_inspect.service.station_routes import label_app
 from vlm_inspect.station.store import StationStore, open_store
 
 console = Console()
@@ -28,9 +30,7 @@ def label(cfg: LabelConfig) -> Path:
         StationError: the station cannot be opened or written.
     """
     check_label_config(cfg)
-    from vlm_inspect.serve import app as serving  # raises an install hint without the serve extra
-
-    sock = serving._bind(cfg.host, cfg.port)
+    sock = bind(cfg.host, cfg.port)
     store = open_store(cfg.station, cfg.db)
     try:
         added, total = queue_photos(store, Path(cfg.photos))
@@ -39,8 +39,7 @@ def label(cfg: LabelConfig) -> Path:
         console.print(
             f"labeller at http://{cfg.host}:{cfg.port}/  (export: vlm-inspect export --station {cfg.station})"
         )
-        server = serving.uvicorn.Server(serving.uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-        server.run(sockets=[sock])
+        run_server(app, sock, "warning")
     finally:
         sock.close()
         store.close()
@@ -80,26 +79,3 @@ def queue_photos(store: StationStore, folder: Path) -> tuple[int, int]:
         if store.record(data, image, file_name=name, source="label", source_key=key) is not None:
             added += 1
     return added, len(photos)
-
-
-def label_app(store: StationStore, api_key: str | None, host: str = "127.0.0.1", port: int = 8000):  # -> FastAPI
-    """The labeller: the station routes and the page, without a model."""
-    from fastapi import Depends, FastAPI
-    from fastapi.responses import RedirectResponse
-
-    from vlm_inspect.serve import app as serving
-    from vlm_inspect.serve.station_routes import station_router
-
-    app = FastAPI(title="vlm-inspect label", docs_url=None, redoc_url=None, openapi_url=None)
-    serving.guard(app, host, port)
-    app.include_router(station_router(store, [Depends(serving._key_checker(api_key))], serving._page_file))
-
-    @app.get("/", include_in_schema=False)
-    async def start() -> RedirectResponse:
-        return RedirectResponse("/history?label=1")
-
-    @app.get("/static/app.css", include_in_schema=False)
-    async def style():  # noqa: ANN202
-        return serving._page_file("app.css")
-
-    return app

@@ -1,6 +1,4 @@
-"""A run's plan: how many optimizer steps, epochs and warmup steps, the learning-rate factor of each step,
-and the names of what a run folder holds. Shared by `train` (the verb) and `trainer` (its pieces).
-"""
+"""A run's plan: how many optimizer steps, epochs and warmup steps, and the learning-rate factor of each step."""
 
 from __future__ import annotations
 
@@ -8,10 +6,6 @@ import math
 from dataclasses import dataclass
 
 from vlm_inspect.config import TrainConfig
-
-CHECKPOINTS = "checkpoints"
-COMPLETE_MARKER = "checkpoint-complete"
-ADAPTER_DIR, FULL_MODEL_DIR = "adapter", "model"
 
 
 @dataclass

@@ -188,3 +188,37 @@ def resolve_api_key(api_key: str | None, api_key_file: str | None, environ: dict
             raise ConfigError([f"api_key_file: {path}: is empty"])
         return key
     return api_key or environ.get(API_KEY_ENV) or None
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes`: by Content-Length at once, else while reading."""
+
+    def __init__(self, app: Any, max_bytes: int, respond: Callable[[int, str], Any]):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.respond = respond
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            response = self.respond(413, f"request body of {int(declared):,} bytes is over the limit")
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise BodyTooLarge()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class BodyTooLarge(Exception):
+    """The request body grew past the limit while it was being read."""

@@ -15,8 +15,8 @@ from datetime import date
 from typing import Annotated, Any
 from urllib.parse import unquote
 
-from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import FileResponse, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, RedirectResponse, Response
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from vlm_inspect.config import ServeConfig
 from vlm_inspect.data.prompts import parse_verdict
 from vlm_inspect.errors import StationError
+from vlm_inspect.service.http import guard, key_checker, page_file
 from vlm_inspect.station.history import HistoryFilter, all_records, csv_text, get_record, list_records, models_seen
 from vlm_inspect.station.identity import model_identity
 from vlm_inspect.station.store import StationStore, open_store
@@ -228,3 +229,20 @@ def _found(store: StationStore, record_id: int) -> dict:
         return get_record(store, record_id)
     except StationError:
         raise HTTPException(404, f"no record with id {record_id}") from None
+
+
+def label_app(store: StationStore, api_key: str | None, host: str = "127.0.0.1", port: int = 8000) -> FastAPI:
+    """The labeller: the station routes and the page, without a model."""
+    app = FastAPI(title="vlm-inspect label", docs_url=None, redoc_url=None, openapi_url=None)
+    guard(app, host, port)
+    app.include_router(station_router(store, [Depends(key_checker(api_key))], page_file))
+
+    @app.get("/", include_in_schema=False)
+    async def start() -> RedirectResponse:
+        return RedirectResponse("/history?label=1")
+
+    @app.get("/static/app.css", include_in_schema=False)
+    async def style() -> FileResponse:
+        return page_file("app.css")
+
+    return app

@@ -16,7 +16,7 @@ import gc
 import io
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,16 @@ from rich.table import Table
 
 import vlm_inspect
 from vlm_inspect.config import EvaluateConfig, require, save_config
+from vlm_inspect.data.images import load_image
+from vlm_inspect.data.prompts import load_prompts, parse_verdict
+from vlm_inspect.data.sources import Item, load_items
 from vlm_inspect.errors import ConfigError, DataError
-from vlm_inspect.evaluate.metrics import score_metrics, verdicts
-from vlm_inspect.evaluate.report import fmt_interval, fmt_pct, write_report
-from vlm_inspect.evaluate.views import model_view
-from vlm_inspect.evaluate.views import warning as view_warning
+from vlm_inspect.evaluation.metrics import score_metrics, verdicts
+from vlm_inspect.evaluation.report import fmt_interval, fmt_pct, write_report
+from vlm_inspect.evaluation.views import model_view
+from vlm_inspect.evaluation.views import warning as view_warning
+from vlm_inspect.folders import DatasetFacts, DatasetFolder, ModelFolder, RunFolder
+from vlm_inspect.inference import Predictor, trained_with
 from vlm_inspect.outputs import check_replaceable, staged_output
 
 RESULTS_VERSION = 1
@@ -44,19 +49,6 @@ IMAGES_PER_CHUNK = 64
 MODELS = ("tuned", "base")  # tuned first: its mistakes choose the gallery
 
 console = Console()
-
-
-@dataclass
-class Item:
-    """One labelled photo to evaluate."""
-
-    id: str
-    path: Path
-    shown_path: str
-    label: str
-    defect_type: str | None = None
-    defects: list[dict] = field(default_factory=list)
-    description: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +104,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
 
 def validate(cfg: EvaluateConfig) -> None:
     """Raise one ConfigError listing every bad setting; OutputExistsError for an existing report."""
-    problems = require(cfg, "model", "data", "out")
+    problems = cfg.model_problems() + require(cfg, "data", "out")
     problems += [f"compare: {spec!r} is not MODEL or MODEL,ADAPTER" for spec in cfg.compare if not spec.split(",")[0]]
     if cfg.adapter and cfg.base:
         problems.append(
@@ -146,91 +138,8 @@ def validate(cfg: EvaluateConfig) -> None:
 # ---------------------------------------------------------------- data
 
 
-def load_items(data: Path) -> tuple[list[Item], list[dict]]:
-    """Labelled photos from a prepare dataset folder (val.json), a LLaVA JSON file, or class folders.
-
-    Returns:
-        The items, and the files left out with their reasons (class folders only; a dataset's
-        files were checked when it was made).
-    """
-    if data.is_dir() and (data / "val.json").is_file():
-        return items_from_llava_json(data / "val.json", data), []
-    if data.is_file() and data.suffix == ".json":
-        return items_from_llava_json(data, data.parent), []
-    if data.is_dir():
-        return items_from_folders(data)
-    raise DataError(f"{data}: not a dataset folder (with val.json), a LLaVA JSON file or a folder of class folders")
-
-
-def items_from_llava_json(path: Path, image_folder: Path) -> list[Item]:
-    """Items from LLaVA samples; the label is the `label` key, else the verdict word of the first answer."""
-    from vlm_inspect.data.llava_json import read_contained_llava_json
-    from vlm_inspect.data.prompts import parse_verdict
-
-    items, unlabelled = [], []
-    for index, sample in enumerate(read_contained_llava_json(path, image_folder)):
-        answers = [t["value"] for t in sample["conversations"] if t["from"] == "gpt"]
-        label = sample.get("label") or parse_verdict(answers[0])
-        if label is None:
-            unlabelled.append(f"sample {index} ({sample.get('id', sample['image'])})")
-            continue
-        items.append(
-            Item(
-                id=str(sample.get("id") or sample["image"]),
-                path=image_folder / sample["image"],
-                shown_path=sample["image"],
-                label=label,
-                defect_type=sample.get("defect_type"),
-                defects=list(sample.get("defects") or []),
-                description=answers[-1] if label == "NG" and len(answers) > 1 else None,
-            )
-        )
-    if unlabelled:
-        raise DataError(
-            f"{path}: {len(unlabelled)} sample(s) have no 'label' key and no answer starting with OK or NG: "
-            + ", ".join(unlabelled[:20])
-        )
-    return unique_ids(items)
-
-
-def items_from_folders(src: Path) -> tuple[list[Item], list[dict]]:
-    """Items from a labelled class-folder tree (ok/, ng/, ng/<defect>/, MVTec AD), read as prepare reads it."""
-    from vlm_inspect.data.prepare import collect_images
-
-    images, skipped = collect_images(src)
-    items = [
-        Item(
-            id=_relative(image.path, src),
-            path=Path(image.path),
-            shown_path=_relative(image.path, src),
-            label=image.label,
-            defect_type=image.defect_type,
-            defects=list(image.defects),
-            description=image.description,
-        )
-        for image in images
-    ]
-    return unique_ids(items), [{"path": _relative(s.path, src), "reason": s.reason} for s in skipped]
-
-
-def _relative(path: Path, root: Path) -> str:
-    path = Path(path)
-    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-
-
-def unique_ids(items: list[Item]) -> list[Item]:
-    """Make repeated ids unique (`id`, `id#2`, ...): rows of results.json are keyed by id."""
-    seen: dict[str, int] = {}
-    for item in items:
-        seen[item.id] = seen.get(item.id, 0) + 1
-        if seen[item.id] > 1:
-            item.id = f"{item.id}#{seen[item.id]}"
-    return items
-
-
 def check_images(items: list[Item]) -> tuple[list[Item], list[dict], dict[str, str]]:
     """Decode every photo once: unreadable ones are skipped with their reason; thumbnails are made here."""
-    from vlm_inspect.data.images import load_image
 
     good, skipped, thumbnails = [], [], {}
     for item in items:
@@ -279,37 +188,26 @@ def build_questions(cfg: EvaluateConfig) -> list[Question]:
 def prompt_questions(cfg: EvaluateConfig) -> tuple[list[str], list[str]]:
     """The verdict and held-out wordings, with the product word filled in.
 
-    The dataset's manifest records the wordings it was made with (a user may have edited
-    prompts.yaml); without one, the shipped templates in the run's language are used.
-    """
-    from vlm_inspect.data.prompts import load_prompts
-    from vlm_inspect.predict import run_settings
-
-    manifest = dataset_manifest(Path(cfg.data))
-    recorded = manifest.get("prompts") or {}
-    if recorded.get("verdict_questions") and recorded.get("heldout_questions"):
-        return list(recorded["verdict_questions"]), list(recorded["heldout_questions"])
-    settings = run_settings(cfg.adapter)
-    language = manifest.get("language") or settings["language"]
-    prompts = load_prompts(language)
-    product = manifest.get("product") or settings["product"] or prompts.default_product
+    A prepared dataset's manifest records the wordings it was made with (a user may have edited prompts.yaml);
+    else the tuned model's run recorded those of its own dataset; else the shipped templates are used."""
+    facts = _dataset_facts(Path(cfg.data))
+    if not facts.verdict_questions and cfg.model:
+        facts = facts.or_else(trained_with(cfg, ModelFolder.open(cfg.model))[1])
+    if facts.verdict_questions and facts.heldout_questions:
+        return list(facts.verdict_questions), list(facts.heldout_questions)
+    prompts = load_prompts(facts.language or "en")
+    product = facts.product or prompts.default_product
     return (
         [q.format(product=product) for q in prompts.verdict_questions],
         [q.format(product=product) for q in prompts.heldout_questions],
     )
 
 
-def dataset_manifest(data: Path) -> dict:
-    """The prepare manifest beside the data, or {} when there is none."""
-    folder = data if data.is_dir() else data.parent
-    path = folder / "manifest.json"
-    if not path.is_file():
-        return {}
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
-    return manifest if isinstance(manifest, dict) else {}
+def _dataset_facts(data: Path) -> DatasetFacts:
+    """The facts a prepared dataset's manifest records; defaults for class folders."""
+    if data.is_dir() and not (data / DatasetFolder.TRAIN).is_file():
+        return DatasetFacts()
+    return DatasetFolder.open(data).facts()
 
 
 def read_questions_file(path: Path) -> list[str]:
@@ -327,25 +225,23 @@ def read_questions_file(path: Path) -> list[str]:
 def model_sessions(cfg: EvaluateConfig) -> Iterator[tuple[str, Any, dict]]:
     """("tuned", predictor, info), then ("base", predictor, info) with the base active.
 
-    One set of weights when there is an adapter; a merged model and its base are loaded one
-    after the other so only one is in memory at a time.
+    One set of weights when there is an adapter; a merged model and its base are loaded one after the other
+    so only one is in memory at a time, the base with every model setting of the tuned one (the same device,
+    precision and image-token budget: both see the photos alike).
     """
-    from vlm_inspect.predict import Predictor
-
     if cfg.adapter:
-        predictor = Predictor.load(
-            cfg.model, cfg.adapter, cfg.device, dtype=cfg.precision, image_max_tokens=cfg.image_max_tokens
-        )
+        predictor = Predictor.load(cfg)
         yield "tuned", predictor, {"model": cfg.model, "adapter": cfg.adapter, "how": "model + adapter"}
         with predictor.adapter_disabled():
             info = {"model": cfg.model, "adapter": None, "how": "same weights, adapter switched off"}
             yield "base", predictor, {"name": Path(cfg.model).name, **info}
         return
-    tuned = Predictor.load(cfg.model, device=cfg.device, dtype=cfg.precision, image_max_tokens=cfg.image_max_tokens)
+    tuned = Predictor.load(cfg)
     yield "tuned", tuned, {"model": cfg.model, "adapter": None, "how": "merged model folder"}
+    base_settings = dataclasses.replace(tuned.settings, model=cfg.base, adapter=None)
     del tuned
     _free_memory()
-    base = Predictor.load(cfg.base, device=cfg.device, dtype=cfg.precision)
+    base = Predictor.load(base_settings)
     yield "base", base, {"model": cfg.base, "adapter": None, "how": "separate base folder (--base)"}
 
 
@@ -392,15 +288,14 @@ def score_both_models(
 def compare_models(cfg: EvaluateConfig, items: list[Item], question: Question, results: dict) -> list[dict]:
     """Rows of the side-by-side table: the tuned model, the base, then each `--compare` model scored on the same
     photos with the main question (loaded one at a time)."""
-    from vlm_inspect.predict import Predictor
-
     labels = [item.label for item in items]
     rows = [
         {"key": m, **results["models"][m], "metrics": results["metrics"][m][question.id]} for m in ("tuned", "base")
     ]
     for n, spec in enumerate(cfg.compare, start=1):
         model, _, adapter = spec.partition(",")
-        predictor = Predictor.load(model, adapter=adapter or None, device=cfg.device)
+        # Every model setting but the folders is the tuned model's (device, precision, image_max_tokens).
+        predictor = Predictor.load(dataclasses.replace(cfg.model_settings(), model=model, adapter=adapter or None))
         console.print(f"comparing {predictor.name}: scoring {len(items)} photos")
         p_ng = score_items(predictor, items, [question], cfg.batch_size, lambda _n: None)[question.id]
         info = {"name": predictor.name, "model": model, "adapter": adapter or None, "how": "--compare"}
@@ -464,8 +359,6 @@ def _chunks(items: list[Item], n: int) -> Iterator[list[Item]]:
 
 
 def _load(item: Item) -> Image.Image:
-    from vlm_inspect.data.images import load_image
-
     return load_image(item.path)
 
 
@@ -484,7 +377,6 @@ def build_results(
     thumbnails: dict[str, str],
 ) -> dict:
     """The results.json mapping (schema: see the README, "results.json")."""
-    from vlm_inspect.data.prompts import parse_verdict
 
     labels = [item.label for item in items]
     metrics = {
@@ -531,14 +423,11 @@ def build_results(
 
 
 def training_rows(adapter: str | None) -> dict:
-    """The run's loss per step from metrics.jsonl (in the run folder, or beside an adapter/ folder)."""
-    if not adapter:
+    """The run's loss per step from its metrics.jsonl, when the adapter is a run's."""
+    run = RunFolder.named_by(adapter) if adapter else None
+    if run is None or not run.metrics_path.is_file():
         return {"metrics_file": None, "rows": []}
-    folder = Path(adapter)
-    for path in (folder / "metrics.jsonl", folder.parent / "metrics.jsonl"):
-        if path.is_file():
-            return {"metrics_file": str(path), "rows": read_loss_rows(path)}
-    return {"metrics_file": None, "rows": []}
+    return {"metrics_file": str(run.metrics_path), "rows": read_loss_rows(run.metrics_path)}
 
 
 def read_loss_rows(path: Path) -> list[dict]:

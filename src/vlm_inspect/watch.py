@@ -23,6 +23,7 @@ from rich.console import Console
 from vlm_inspect.config import WatchConfig, require
 from vlm_inspect.data.images import IMAGE_SUFFIXES, load_image
 from vlm_inspect.errors import ConfigError, DataError
+from vlm_inspect.inference import Predictor
 from vlm_inspect.station.identity import model_identity
 from vlm_inspect.station.store import StationStore, open_store
 
@@ -45,12 +46,10 @@ def watch(cfg: WatchConfig) -> Path:
         ModelFolderError: the model or adapter cannot be loaded.
         StationError: the station cannot be opened or written (a full disk names the folder).
     """
-    from vlm_inspect.predict import Predictor
-
     check_watch_config(cfg)
     store = open_store(cfg.station, cfg.db)
     try:
-        predictor = Predictor.load(cfg.model, adapter=cfg.adapter, device=cfg.device)
+        predictor = Predictor.load(cfg)
         watcher = Watcher(store, predictor, cfg, model_identity(cfg.model, cfg.adapter)[1])
         console.print(f"watching {cfg.folder} with {predictor.name}; recording to {store.where}")
         watcher.run()
@@ -60,7 +59,7 @@ def watch(cfg: WatchConfig) -> Path:
 
 
 def check_watch_config(cfg: WatchConfig) -> None:
-    problems = require(cfg, "folder", "model", "station")
+    problems = cfg.model_problems() + require(cfg, "folder", "station")
     if cfg.folder and not Path(cfg.folder).is_dir():
         problems.append(f"folder: {cfg.folder} is not a folder")
     if not 0.0 <= cfg.threshold <= 1.0:

@@ -19,8 +19,7 @@ import json
 import math
 import pickle
 import re
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -42,13 +41,12 @@ from transformers import (
 
 from vlm_inspect.config import ConvertConfig, require, save_config
 from vlm_inspect.errors import ConfigError, ModelFolderError
-from vlm_inspect.models.load import check_model_folder
-from vlm_inspect.models.template import LLAVA_CHAT_TEMPLATE
-from vlm_inspect.models.tiny import IMAGE_TOKEN, PAD_TOKEN
+from vlm_inspect.folders import ModelFolder
+from vlm_inspect.models.families.common import IMAGE_TOKEN, PAD_TOKEN
+from vlm_inspect.models.families.llava import LLAVA_CHAT_TEMPLATE
+from vlm_inspect.models.load import SHARD_SIZE
 from vlm_inspect.outputs import staged_output
 
-# Shard size of written models; llava-hf/llava-1.5-7b-hf uses 5 GB shards too.
-SHARD_SIZE = "5GB"
 # New embedding rows are drawn from N(mean, NEW_ROW_VARIANCE * covariance) of the existing rows,
 # as transformers' resize does, so new tokens start as "average" tokens instead of random noise.
 NEW_ROW_VARIANCE = 1e-5
@@ -118,19 +116,6 @@ def _check_settings(cfg: ConvertConfig) -> None:
 
 
 # ------------------------------------------------------------------ output folders
-
-
-@contextmanager
-def staged_folder(
-    out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = (), kind: str = "ConvertConfig"
-) -> Iterator[Path]:
-    """A temporary sibling to write into, renamed to `out` only if the block succeeds (see outputs.py).
-
-    An interrupted or failed run leaves no folder named `out`; an existing `out` is replaced only
-    with `overwrite`, only if vlm-inspect made it, and only once the new one is complete.
-    """
-    with staged_output(out, overwrite, kind, inputs) as tmp:
-        yield tmp
 
 
 # ------------------------------------------------------------------ reading tensors
@@ -232,7 +217,9 @@ def convert_llava(llava_dir: Path, clip_dir: Path, out: Path, cfg: ConvertConfig
     image_id, pad_id = _add_llava_tokens(tokenizer)
     rows = math.ceil(len(tokenizer) / ROW_MULTIPLE) * ROW_MULTIPLE
     config = _llava_config(original, vision, rows, image_id, pad_id)
-    with staged_folder(out, cfg.overwrite, (cfg.llava, cfg.vision_tower, cfg.llava_lora, cfg.base)) as tmp:
+    with staged_output(
+        out, cfg.overwrite, "ConvertConfig", (cfg.llava, cfg.vision_tower, cfg.llava_lora, cfg.base)
+    ) as tmp:
         with torch.device("meta"):
             model = LlavaForConditionalGeneration(config)
         state, dropped = _converted_state(llava_dir, clip_dir, model, n_original_tokens)
@@ -481,7 +468,7 @@ def convert_llava_lora(lora_dir: Path, base_dir: Path, out: Path, cfg: ConvertCo
     Returns:
         `out`.
     """
-    check_model_folder(base_dir)
+    ModelFolder.open(base_dir)
     if not lora_dir.is_dir():
         raise ModelFolderError(f"{lora_dir}: no such LoRA run folder")
     settings = _original_lora_settings(lora_dir)
@@ -507,7 +494,9 @@ def convert_llava_lora(lora_dir: Path, base_dir: Path, out: Path, cfg: ConvertCo
         bias="none",
         base_model_name_or_path=str(base_dir),
     )
-    with staged_folder(out, cfg.overwrite, (cfg.llava, cfg.vision_tower, cfg.llava_lora, cfg.base)) as tmp:
+    with staged_output(
+        out, cfg.overwrite, "ConvertConfig", (cfg.llava, cfg.vision_tower, cfg.llava_lora, cfg.base)
+    ) as tmp:
         lora_config.save_pretrained(tmp)
         save_file({**tensors, **projector}, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         save_config(cfg, tmp)

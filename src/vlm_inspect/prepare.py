@@ -34,7 +34,7 @@ from rich.table import Table
 
 from vlm_inspect import __version__
 from vlm_inspect.config import PrepareConfig, save_config
-from vlm_inspect.data.folders import NG_NAMES, OK_NAMES, format_suffix, scan
+from vlm_inspect.data.class_folders import NG_NAMES, OK_NAMES, format_suffix, scan
 from vlm_inspect.data.images import load_image, read_file_bytes
 from vlm_inspect.data.labelled import LabeledImage, Skipped
 from vlm_inspect.data.llava_json import IMAGE_TOKEN, read_llava_json
@@ -87,31 +87,6 @@ def prepare(cfg: PrepareConfig) -> Path:
     _build_then_move(out, lambda tmp: _write_dataset(tmp, cfg, units, is_val, manifest))
     _print_summary(console, out, units, is_val, skipped, ignored)
     return out
-
-
-def collect_images(
-    src: str | Path,
-    ok_names: tuple[str, ...] | list[str] = (),
-    ng_names: tuple[str, ...] | list[str] = (),
-    max_pixels: int = 100_000_000,
-) -> tuple[list[LabeledImage], list[Skipped]]:
-    """Labelled photos from class folders or an MVTec AD category, checked by decoding each one.
-
-    Args:
-        src: Folder with `ok/` and `ng/` class folders (aliases, any case) or MVTec AD layout.
-        ok_names: Folder names meaning OK besides ok/good/pass/normal.
-        ng_names: Folder names meaning NG besides ng/bad/defect/defective/fail/anomaly.
-        max_pixels: Larger photos are skipped (decompression-bomb guard).
-
-    Returns:
-        The usable photos (sorted by folder, duplicates removed) and the files left out with reasons.
-
-    Raises:
-        DataError: a class is missing or has no usable photo (naming the folder), or a sidecar
-            is malformed; every such problem is listed at once.
-    """
-    found = scan(Path(src), ok_names, ng_names, max_pixels)
-    return found.images, found.skipped
 
 
 def stratified_split(strata: list[str], val_fraction: float, seed: int) -> list[bool]:

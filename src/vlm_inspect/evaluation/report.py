@@ -15,8 +15,8 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
 from vlm_inspect.errors import DataError
-from vlm_inspect.evaluate.metrics import wilson_interval
-from vlm_inspect.evaluate.views import warning as view_warning
+from vlm_inspect.evaluation.metrics import wilson_interval
+from vlm_inspect.evaluation.views import warning as view_warning
 
 TEMPLATE = "report.html.j2"
 MODELS = ("base", "tuned")

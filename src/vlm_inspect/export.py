@@ -15,9 +15,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from vlm_inspect.config import ExportConfig, require
-from vlm_inspect.data.prepare import _build_then_move, _refuse_existing
+from vlm_inspect.config import ExportConfig, require, save_config
 from vlm_inspect.errors import ConfigError, StationError
+from vlm_inspect.outputs import check_replaceable, staged_output
 from vlm_inspect.station.history import HistoryFilter, all_records
 from vlm_inspect.station.store import StationStore, open_store
 
@@ -36,13 +36,15 @@ def export(cfg: ExportConfig) -> Path:
     if problems:
         raise ConfigError(problems)
     out = Path(cfg.out)
-    _refuse_existing(out, cfg.overwrite)
+    check_replaceable(out, cfg.overwrite)  # before the store is opened: a refusal comes at once
     store = open_store(cfg.station, cfg.db)
     try:
         records = all_records(store, HistoryFilter(review="reviewed"))
         if not records:
             raise StationError(f"{store.where}: no reviewed record to export yet (review or label some photos first)")
-        _build_then_move(out, lambda tmp: write_class_folders(store, records, tmp))
+        with staged_output(out, True, "ExportConfig") as tmp:
+            write_class_folders(store, records, tmp)
+            save_config(cfg, tmp)  # marks the folder as export's own, so --overwrite may replace it
     finally:
         store.close()
     n_ng = sum(r["final_verdict"] == "NG" for r in records)

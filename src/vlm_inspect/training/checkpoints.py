@@ -14,46 +14,30 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from vlm_inspect.config import RESOLVED_CONFIG_NAME, TrainConfig, load_saved_config
+from vlm_inspect.config import TrainConfig
 from vlm_inspect.errors import ConfigError, OutputExistsError
+from vlm_inspect.folders import RunFolder, checkpoint_step
 from vlm_inspect.outputs import remove_tree
-from vlm_inspect.plan import CHECKPOINTS, COMPLETE_MARKER
 
 SAFE_TO_CHANGE = ("logging_steps", "report_to", "num_workers", "gpus", "compile", "resume", "overwrite")
 """Settings a resumed run may change: they alter neither the data, the model nor the optimizer's path."""
 PATH_SETTINGS = ("model", "data", "out")
 
 
-def checkpoint_step(folder: Path) -> int:
-    tail = folder.name.rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
-
-
-def checkpoints(run: Path) -> list[Path]:
-    """The run's checkpoint folders, oldest first."""
-    found = [p for p in (run / CHECKPOINTS).glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0]
-    return sorted(found, key=checkpoint_step)
-
-
-def is_complete(folder: Path) -> bool:
-    return (folder / COMPLETE_MARKER).is_file()
-
-
-def rotate(run: Path, keep: int) -> None:
+def rotate(run: RunFolder, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints, and unfinished ones older than those."""
-    folders = checkpoints(run)
-    complete = [p for p in folders if is_complete(p)]
+    complete = run.complete_checkpoints()
     if not complete:
         return
     kept = complete[-max(1, keep) :]
-    for folder in folders:
+    for folder in run.checkpoints():
         if folder not in kept and checkpoint_step(folder) < checkpoint_step(kept[-1]):
             with_marker_first(folder)
 
 
 def with_marker_first(folder: Path) -> None:
     """Remove a checkpoint: its completion marker first, so a kill midway leaves no 'complete' half."""
-    (folder / COMPLETE_MARKER).unlink(missing_ok=True)
+    (folder / RunFolder.COMPLETE).unlink(missing_ok=True)
     remove_tree(folder)
 
 
@@ -68,28 +52,28 @@ class CompleteThenRotate(TrainerCallback):
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
-            (folder / COMPLETE_MARKER).write_text(str(state.global_step))
-            rotate(folder.parent.parent, self.keep)
+            (folder / RunFolder.COMPLETE).write_text(str(state.global_step))
+            rotate(RunFolder(folder.parent.parent), self.keep)
 
 
-def resume_point(run: Path) -> Path:
+def resume_point(run: RunFolder) -> Path:
     """The newest complete checkpoint; unfinished ones after it are removed (they would be rewritten).
 
     Raises:
         OutputExistsError: no checkpoint of the run is complete.
     """
-    folders = checkpoints(run)
-    complete = [p for p in folders if is_complete(p)]
-    if not complete:
+    latest = run.latest_complete_checkpoint()
+    if latest is None:
+        folders = run.checkpoints()
         unfinished = f" ({len(folders)} unfinished)" if folders else ""
         raise OutputExistsError(
-            f"{run}: no complete checkpoint to resume from{unfinished}; the run stopped before its first "
+            f"{run.path}: no complete checkpoint to resume from{unfinished}; the run stopped before its first "
             "checkpoint was written: start it again with --overwrite"
         )
-    for folder in folders:
-        if checkpoint_step(folder) > checkpoint_step(complete[-1]):
+    for folder in run.checkpoints():
+        if checkpoint_step(folder) > checkpoint_step(latest):
             with_marker_first(folder)
-    return complete[-1]
+    return latest
 
 
 def changed_settings(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
@@ -107,21 +91,18 @@ def changed_settings(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     return changes
 
 
-def check_resume(cfg: TrainConfig, run: Path) -> Path:
+def check_resume(cfg: TrainConfig, run: RunFolder) -> Path:
     """Refuse a resume that would mix settings or start from nothing; return the checkpoint to resume from.
 
     Raises:
         ConfigError: settings differ from the run's config.yaml (each difference listed), or it is missing.
         OutputExistsError: no checkpoint of the run is complete.
     """
-    path = run / RESOLVED_CONFIG_NAME
-    if not path.is_file():
-        raise ConfigError([f"{path}: missing; {run} is not a run folder to resume (drop --resume to start one)"])
-    try:
-        saved = load_saved_config(TrainConfig, path)
-    except ConfigError as err:
-        raise ConfigError([f"{path}: {problem}" for problem in err.problems]) from None
-    changes = changed_settings(saved, cfg)
+    if not run.config_path.is_file():
+        raise ConfigError(
+            [f"{run.config_path}: missing; {run.path} is not a run folder to resume (drop --resume to start one)"]
+        )
+    changes = changed_settings(run.config(), cfg)
     if changes:
         allowed = ", ".join(SAFE_TO_CHANGE[:-2])
         raise ConfigError(

@@ -1,4 +1,5 @@
-"""The pieces `train` wires together: model + PEFT, memory plan, Trainer, callbacks, final save."""
+"""The training loop: the stock Trainer with our loss, learning rates and callbacks, set up from the run's plan,
+and the final save of the adapter or model."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,13 @@ from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArg
 
 from vlm_inspect.config import TrainConfig
 from vlm_inspect.data.dataset import IGNORE_INDEX
-from vlm_inspect.errors import ConfigError, VlmInspectError
-from vlm_inspect.models.family import LORA_TARGETS, Family, family_of_model
+from vlm_inspect.folders import ModelFolder, RunFolder
+from vlm_inspect.models.families import family_of_model
+from vlm_inspect.models.family import Family
 from vlm_inspect.models.fast_paths import compile_slots
-from vlm_inspect.models.fp8 import to_fp8
-from vlm_inspect.models.load import folder_family, load_model
-from vlm_inspect.plan import ADAPTER_DIR, CHECKPOINTS, COMPLETE_MARKER, FULL_MODEL_DIR, Plan, lr_factor
-from vlm_inspect.resume import CompleteThenRotate
+from vlm_inspect.training.checkpoints import CompleteThenRotate
+from vlm_inspect.training.memory import Checkpointing, apply_checkpointing, language_layers, optimizer_name
+from vlm_inspect.training.plan import Plan, lr_factor
 
 console = Console()
 # Grow CUDA memory segments instead of adding fixed blocks: less fragmentation, so the memory plan holds.
@@ -35,132 +35,7 @@ console = Console()
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
-# ------------------------------------------------------------------ model
-
-
-def build_model(cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> tuple[Any, int]:
-    """Base model with the chosen method applied; vision tower frozen. Returns (model, trainable count)."""
-    family = folder_family(cfg.model)
-    quant = _qlora_config(dtype, family) if cfg.method == "qlora" else None
-    if cfg.method == "qlora" and device.type != "cuda":
-        raise ConfigError(["method: qlora needs a CUDA GPU (bitsandbytes 4-bit); use method=lora on this machine"])
-    model = load_model(cfg.model, dtype=dtype, device=device, quantization_config=quant)
-    if quant is not None:
-        check_vision_and_projector_unquantized(model, family, cfg.model)
-    # No KV cache in training; the text config is what the language model reads (a cache there costs
-    # memory and makes compiled layers recompile for every layer index).
-    model.config.use_cache = model.config.get_text_config().use_cache = False
-    model.requires_grad_(False)
-    if cfg.method == "full":
-        family.inner(model).language_model.requires_grad_(True)
-        model.lm_head.requires_grad_(True)
-        family.projector_module(model).requires_grad_(cfg.train_projector)
-        family.vision_tower(model).requires_grad_(getattr(cfg, "train_vision_tower", False))
-    else:
-        model = apply_lora(model, cfg)
-        if cfg.method == "qlora":
-            keep_adapter_in(model, dtype)
-    if cfg.precision == "fp8":
-        to_fp8(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return model, trainable
-
-
-def apply_lora(model: Any, cfg: TrainConfig) -> Any:
-    """PEFT LoRA on every language-model linear layer, the projector trained fully beside it."""
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=LORA_TARGETS,
-        modules_to_save=[family_of_model(model).projector] if cfg.train_projector else None,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
-
-
-def keep_adapter_in(model: Any, dtype: torch.dtype) -> None:
-    """Trainable weights (LoRA, projector) in the compute dtype, so gradients and AdamW moments are too.
-
-    For QLoRA: the fp32 copies PEFT makes (16 bytes per LoRA weight with gradient and moments) cost more
-    than the 4-bit base itself; in bf16 they take half. The LoRA matmuls run in bf16 either way.
-    """
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != dtype:
-            param.data = param.data.to(dtype)
-
-
-def _qlora_config(dtype: torch.dtype, family: Family) -> Any:
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError as err:
-        raise ConfigError([f"method: qlora needs bitsandbytes: pip install 'vlm-inspect[gpu]' ({err})"]) from None
-    # The vision tower and projector stay in bf16 and the projector stays trainable.
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-        llm_int8_skip_modules=family.qlora_keep_unquantized(),
-    )
-
-
-def check_vision_and_projector_unquantized(model: Any, family: Family, folder: Any) -> None:
-    """Raise if bitsandbytes quantized any vision-tower or projector weight (the projector must train)."""
-    parts = {family.vision: family.vision_tower(model), family.projector: family.projector_module(model)}
-    quantized = [
-        f"{part}.{name}"
-        for part, module in parts.items()
-        for name, p in module.named_parameters()
-        if not p.dtype.is_floating_point
-    ]
-    if quantized:
-        raise VlmInspectError(
-            f"{folder}: bitsandbytes quantized {len(quantized)} weights that must stay in 16 bits "
-            f"(e.g. {quantized[0]}); this transformers/bitsandbytes pair ignores the skip list"
-        )
-
-
-# ------------------------------------------------------------------ speed
-
-
-def language_layers(model: Any) -> Any:
-    """The decoder layers of the language model, through a PEFT wrapper if there is one."""
-    return family_of_model(model).language_layers(model)
-
-
-def apply_checkpointing(model: Any, checkpointing: Checkpointing) -> None:
-    """Recompute the activations of the first `checkpointing.layers` decoder layers in the backward pass.
-
-    Fewer recomputed layers is faster (each one costs an extra forward); the memory plan picks the fewest
-    that fit. Non-reentrant checkpointing, so LoRA weights inside a layer get their gradients.
-    """
-    if not checkpointing:
-        return
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
-    enable()  # defaults to use_reentrant=False in transformers 5
-    keep_vision_tower_out_of_backward(base)
-    for index, layer in enumerate(language_layers(model)):
-        layer.gradient_checkpointing = index < checkpointing.layers
-
-
-def keep_vision_tower_out_of_backward(base: Any) -> None:
-    """Undo what enabling checkpointing does to the frozen vision tower.
-
-    transformers checkpoints the vision layers too, and hooks every input embedding, the tower's patch
-    embedding among them, to output a tensor that requires grad. The tower was then run twice and
-    back-propagated through on every step, for no gradient anyone uses: on the 7B shape at batch 8 that
-    was ~80 ms of a 530 ms step (H200: 15.0 → 17.7 samples/s), mostly the GPU waiting on launches. Non-reentrant
-    checkpointing needs no input that requires grad, so the hooks can go.
-    """
-    base.disable_input_require_grads()
-    for module in family_of_model(base).vision_tower(base).modules():
-        if getattr(module, "gradient_checkpointing", False):
-            module.gradient_checkpointing = False
+# ------------------------------------------------------------------ speed and plan
 
 
 def compile_layers(model: Any) -> None:
@@ -184,116 +59,6 @@ def use_compile(cfg: TrainConfig, device: torch.device, family: Family) -> bool:
     if wanted is not None:
         return bool(wanted)
     return device.type == "cuda" and cfg.distributed != "zero3" and family.compile_training
-
-
-# ------------------------------------------------------------------ memory plan
-
-
-@dataclass(frozen=True)
-class Checkpointing:
-    """How many decoder layers recompute their activations in the backward pass (0: none)."""
-
-    layers: int
-    total: int
-    estimate_gib: float | None = None
-    """The memory plan's estimate of the peak, on a GPU."""
-    budget_gib: float | None = None
-    """The memory the plan had to fit in, on a GPU."""
-
-    def __bool__(self) -> bool:
-        return self.layers > 0
-
-    def __str__(self) -> str:
-        if self.layers == 0:
-            return "off"
-        return "on (all layers)" if self.layers >= self.total else f"on ({self.layers} of {self.total} layers)"
-
-
-# Bytes per token of activations, fitted to peaks measured by benchmarks/gpu.py on an H100 (LLaVA-1.5-7B
-# shape, compiled layers, 640-token samples; fits batch 8 and 16 with 0, 16 and 32 recomputed layers within
-# 0.3 GiB): a layer that is not recomputed keeps 15·hidden + 6.95·intermediate bytes per token (the inputs of
-# its LoRA matmuls, attention and SwiGLU); a recomputed one keeps its 2·hidden-byte input; the backward's
-# transient buffers, the image features and the loss add 89.5·hidden.
-ACT_PER_HIDDEN, ACT_PER_FFN = 15.0, 6.95
-ACT_OUTSIDE_LAYERS = 89.5
-# cuBLAS workspaces and the allocator's rounding beyond what the fit covers.
-OVERHEAD_GIB = 0.3
-# Share of the free GPU memory the plan fills: the rest absorbs fragmentation and estimate error. Near the
-# limit the allocator frees and retries (measured: 30 of 32 recomputed layers at 95% ran slower than 32 of
-# 32 with room to spare), and leaving a layer un-recomputed saves only ~1/96 of a step.
-MEMORY_SHARE = 0.9
-
-
-def optimizer_name(cfg: TrainConfig) -> str:
-    """The Trainer's optimizer: fused AdamW (one kernel per parameter group), or for QLoRA bitsandbytes' 8-bit AdamW.
-
-    QLoRA exists to fit a small card, and there the two AdamW moments are the largest thing after the
-    4-bit weights (1.2 GiB in bf16 for LoRA r 128 on the 7B); in 8 bits they take half. bitsandbytes is
-    installed whenever QLoRA runs.
-    """
-    return "adamw_bnb_8bit" if cfg.method == "qlora" else "adamw_torch_fused"
-
-
-def estimate_memory_gib(
-    model: Any, batch: int, seq: int, checkpointing: bool | int | Checkpointing, eight_bit_moments: bool = False
-) -> float:
-    """Peak GPU memory of a training step (what torch reports as max allocated).
-
-    weights + Adam moments + activations or gradients, whichever is larger: a checkpointed layer
-    keeps only its input, the others keep everything their backward needs (see the constants above).
-    """
-    text = model.config.text_config if hasattr(model.config, "text_config") else model.config
-    h, ffn, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
-    if isinstance(checkpointing, Checkpointing):
-        recomputed = checkpointing.layers
-    else:
-        recomputed = layers if checkpointing is True else int(checkpointing)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    # AdamW's two moments and the gradients, in the parameter's dtype (fp32 LoRA, bf16 projector copy).
-    # Gradients appear as the backward frees activations, so the peak holds one or the other.
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    grads = trainable
-    moments = 2 * sum(p.numel() for p in model.parameters() if p.requires_grad) if eight_bit_moments else 2 * grads
-    tokens = batch * seq
-    full_layer = tokens * (ACT_PER_HIDDEN * h + ACT_PER_FFN * ffn)
-    acts = (layers - recomputed) * full_layer + recomputed * tokens * 2 * h + tokens * ACT_OUTSIDE_LAYERS * h
-    return (weights + moments + max(acts, grads)) / 2**30 + OVERHEAD_GIB
-
-
-def gpu_memory_gib(device: torch.device) -> float:
-    """Memory this process can give to tensors: the card's total less the CUDA context and other users."""
-    free, total = torch.cuda.mem_get_info(device)
-    in_use_by_us = torch.cuda.memory_reserved(device)
-    context = 0.5 * 2**30
-    return (min(total - context, free + in_use_by_us)) / 2**30
-
-
-def choose_batch_size(cfg: TrainConfig, model: Any, dataset: Any, device: torch.device) -> tuple[int, Checkpointing]:
-    """Batch size and activation checkpointing: the user's, or what fits the device memory.
-
-    The largest batch of 8, 4, 2, 1 (at most the number of samples) that fits, with as few checkpointed
-    layers as fit: each recomputed layer costs a third more of that layer's work.
-    """
-    layers = language_layers(model)
-    total = len(layers)
-    seq = max(dataset.lengths)
-    if cfg.gradient_checkpointing is None:
-        options = list(range(total + 1))
-    else:
-        options = [total if cfg.gradient_checkpointing else 0]
-    if device.type != "cuda":
-        return cfg.batch_size or min(8, len(dataset)), Checkpointing(total if cfg.gradient_checkpointing else 0, total)
-    budget = MEMORY_SHARE * gpu_memory_gib(device)
-    eight_bit = optimizer_name(cfg) == "adamw_bnb_8bit"
-    sizes = [cfg.batch_size] if cfg.batch_size else [b for b in (8, 4, 2, 1) if b <= len(dataset)] or [1]
-    for batch in sizes:
-        for recomputed in options:
-            estimate = estimate_memory_gib(model, batch, seq, recomputed, eight_bit)
-            if estimate <= budget:
-                return batch, Checkpointing(recomputed, total, estimate, budget)
-    estimate = estimate_memory_gib(model, sizes[-1], seq, options[-1], eight_bit)
-    console.print(f"[yellow]the memory estimate ({estimate:.1f} GiB) exceeds this GPU's {budget:.1f} GiB[/]")
-    return sizes[-1], Checkpointing(options[-1], total, estimate, budget)
 
 
 def print_plan(
@@ -501,25 +266,15 @@ class QuietProgress(ProgressCallback):
         return
 
 
-def latest_complete_checkpoint(run: Path) -> Path | None:
-    """The newest checkpoint whose marker says it was fully written."""
-    folders = [p for p in (run / CHECKPOINTS).glob("checkpoint-*") if (p / COMPLETE_MARKER).exists()]
-    if not folders:
-        console.print(f"[yellow]no complete checkpoint in {run / CHECKPOINTS}; starting from the beginning[/]")
-        return None
-    return max(folders, key=lambda p: int(p.name.rsplit("-", 1)[1]))
-
-
 def build_trainer(
     cfg: TrainConfig,
-    run: Path,
+    run: RunFolder,
     model: Any,
     dataset: Any,
     collator: Any,
     plan: Plan,
     dtype: torch.dtype,
     checkpointing: Checkpointing | bool,
-    resume_from: Path | None,
 ) -> InspectTrainer:
     """A Trainer set up from the plan; tensorboard or wandb only when asked for.
 
@@ -534,9 +289,9 @@ def build_trainer(
     if use_compile(cfg, next(model.parameters()).device, family_of_model(model)):
         compile_layers(model)
     if cfg.report_to == "tensorboard":
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run / "tensorboard"))
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.path / "tensorboard"))
     args = TrainingArguments(
-        output_dir=str(run / CHECKPOINTS),
+        output_dir=str(run.checkpoints_path),
         per_device_train_batch_size=plan.batch_size,
         gradient_accumulation_steps=plan.grad_accum,
         max_steps=plan.total_steps,
@@ -567,7 +322,7 @@ def build_trainer(
         train_dataset=dataset,
         data_collator=collator,
         callbacks=[
-            MetricsFile(run / "metrics.jsonl"),
+            MetricsFile(run.metrics_path),
             AugmentationEpoch(dataset),
             CompleteThenRotate(cfg.save_total_limit),
             FreezeLongLivedObjects(),
@@ -578,16 +333,19 @@ def build_trainer(
     )
 
 
-def save_final(cfg: TrainConfig, run: Path, trainer: InspectTrainer, processor: Any) -> Path:
-    """Write the adapter (or full model) to a temporary folder, then rename it into place."""
-    name = FULL_MODEL_DIR if cfg.method == "full" else ADAPTER_DIR
-    final, tmp = run / name, run / f".{name}.tmp"
+def save_final(cfg: TrainConfig, run: RunFolder, trainer: InspectTrainer, processor: Any, base: ModelFolder) -> Path:
+    """Write the adapter (or full model) to a temporary folder, then rename it into place. A full model is a
+    model folder of its own: the processor, the base's other files and the run's settings go with it."""
+    final = run.output(cfg.method)
+    tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.save_model(str(tmp))
     if trainer.is_world_process_zero():
         (tmp / "training_args.bin").unlink(missing_ok=True)
         if cfg.method == "full":
             processor.save_pretrained(tmp)
+            base.copy_side_files(tmp)
+            run.describe_model(tmp)
         os.replace(tmp, final)
         console.print(f"[green]done:[/] {final}")
     return final

@@ -1,0 +1,1 @@
+"""The evaluation behind `evaluate`: metrics with intervals, what each model sees, and the report."""

@@ -1,0 +1,306 @@
+"""The `Predictor`: a model loaded once that predict, evaluate, serve and watch all use.
+
+Two modes:
+- score: one forward pass per batch; p(NG) is read from the next-token probabilities of the
+  verdict words right after the generation prompt (`ASSISTANT:`, `<|im_start|>assistant\n`, ...).
+  No generation, no text parsing.
+- describe: greedy generation of the answer text.
+
+`Predictor.load` takes the whole model-settings group (`config.ModelSettings`); what the run taught (its
+image-token budget, image aspect, language, product word and questions) comes from the run folder or a merged
+model folder, never from the training data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from vlm_inspect.config import ModelSettings, TrainConfig
+from vlm_inspect.data.images import square_image
+from vlm_inspect.errors import ModelFolderError
+from vlm_inspect.folders import DatasetFacts, ModelFolder, open_adapter
+from vlm_inspect.models.chat import prompt as render_prompt
+from vlm_inspect.models.families import family_of_model
+from vlm_inspect.models.fast_paths import (
+    DECODE_LENGTH_STEP,
+    MAX_DECODERS,
+    GreedyDecoder,
+    adapter_active,
+    compile_slots,
+    compiled_modules,
+)
+
+VERDICTS = ("OK", "NG")
+
+
+def trained_with(settings: ModelSettings, model: ModelFolder) -> tuple[TrainConfig | None, DatasetFacts]:
+    """The settings and dataset facts of the run behind a model: the adapter's run folder, else a merged
+    model's copies of them; (None, defaults) for a base model or a bare adapter."""
+    if settings.adapter:
+        _, run = open_adapter(settings.adapter)
+        trained, facts = (run.config(), run.facts()) if run else (None, None)
+    else:
+        trained, facts = model.trained(), model.facts()
+    return trained, facts or DatasetFacts()
+
+
+def default_question(facts: DatasetFacts) -> str:
+    """The first training question: what a tuned model was taught to answer (the shipped wording without one)."""
+    from vlm_inspect.data.prompts import load_prompts
+
+    if facts.verdict_questions:
+        return facts.verdict_questions[0]
+    return load_prompts(facts.language or "en").default_question(facts.product)
+
+
+class Predictor:
+    """A model loaded once (base, base + adapter, or merged) that scores and describes photos."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        name: str,
+        has_adapter: bool,
+        image_aspect: str = "pad",
+        question: str | None = None,
+        settings: ModelSettings | None = None,
+    ):
+        self.model, self.processor, self.name = model, processor, name
+        self.has_adapter, self.image_aspect = has_adapter, image_aspect
+        self.settings = settings or ModelSettings()
+        """The model settings in force (image_max_tokens resolved to the budget the processor applies)."""
+        self.tokenizer = processor.tokenizer
+        self.family = family_of_model(model)
+        self.default_question = question or default_question(DatasetFacts())
+        self.verdict_ids = verdict_token_ids(self.tokenizer, render_prompt(processor, self.default_question))
+        self.lock = threading.Lock()  # one user of the weights at a time (serve runs threads)
+        self._decoders: OrderedDict[tuple, GreedyDecoder] = OrderedDict()
+        self._compiled: dict[int, Any] = {}  # id(module) → its compiled wrapper (compiled_modules)
+        self._stacked: dict[int, Any] = {}  # id(attention or MLP) → its StackedProjections
+
+    @classmethod
+    def load(cls, settings: ModelSettings) -> Predictor:
+        """Load weights once; with an adapter, `adapter_disabled()` gives the base on the same weights.
+
+        The image-token budget is the setting's, else the run's (the adapter's run folder, or a merged model's
+        copy of it), else the family's default."""
+        from vlm_inspect.models.adapter import attach_adapter
+        from vlm_inspect.models.fp8 import to_fp8
+        from vlm_inspect.models.load import load_model, load_processor
+
+        folder = ModelFolder.open(settings.model)
+        trained, facts = trained_with(settings, folder)
+        budget = settings.image_max_tokens or (trained.image_max_tokens if trained else None)
+        budget = budget or folder.family.default_image_max_tokens
+        in_force = dataclasses.replace(settings.model_settings(), image_max_tokens=budget)
+        processor = load_processor(folder, budget)
+        net = load_model(folder, dtype=settings.precision, device=settings.device)
+        name = folder.name
+        if settings.adapter is not None:
+            net = attach_adapter(net, settings.adapter)
+            name = f"{name} + {Path(settings.adapter).name}"
+        if settings.precision == "fp8":
+            to_fp8(net)
+        aspect = trained.image_aspect if trained else "pad"
+        return cls(net.eval(), processor, name, settings.adapter is not None, aspect, default_question(facts), in_force)
+
+    def prompt(self, question: str, history: list[tuple[str, str]] | None = None) -> str:
+        """`question` (after earlier turns) in this model's chat format, ready for `generate` or `stream`."""
+        return render_prompt(self.processor, question, history)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @contextlib.contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Inside, the same loaded weights act as the base model (PEFT's disable_adapter)."""
+        if not self.has_adapter:
+            raise ModelFolderError(f"{self.name}: no adapter loaded, so there is no base to switch to")
+        with self.model.disable_adapter():
+            yield
+
+    def warm_up(self, max_batch: int, max_new_tokens: int) -> None:
+        """On a GPU, compile what the first requests would: scoring at batch 1 and `max_batch` (later sizes
+        reuse that graph) and describing one photo. Each first call compiles for 0.5–1.5 minutes, which a
+        service would otherwise spend inside its first requests' time limit. On a CPU nothing compiles."""
+        if self.device.type != "cuda":
+            return
+        blank = Image.new("RGB", (64, 64), "white")
+        for batch in sorted({1, max_batch}):
+            self.score([blank] * batch, batch_size=batch)
+        self.describe([blank], max_new_tokens=max_new_tokens)
+
+    def _inputs(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        aspect = self.image_aspect if self.family.square_pad else "native"
+        mean = self.processor.image_processor.image_mean
+        squared = [[square_image(im.convert("RGB"), mean, aspect)] for im in images]
+        # The torchvision image processor resizes and normalises on the GPU when given the device:
+        # on the CPU that takes a quarter of a 7B scoring pass.
+        on_gpu = self.device.type == "cuda" and _resizes_with_torch(self.processor.image_processor)
+        extra = {"device": self.device} if on_gpu else {}
+        inputs = self.processor(images=squared, text=list(prompts), return_tensors="pt", padding=True, **extra)
+        self.family.check_side_inputs(self.model, inputs, self.name)
+        dtype = next(self.model.parameters()).dtype
+        return {k: (v.to(self.device, dtype) if k == "pixel_values" else v.to(self.device)) for k, v in inputs.items()}
+
+    @torch.inference_mode()
+    def score(self, images: Sequence[Image.Image], question: str | None = None, batch_size: int = 8) -> list[float]:
+        """p(NG) per image from one forward pass per batch (only the last position's logits)."""
+        prompt = render_prompt(self.processor, question or self.default_question)
+        ok_ids, ng_ids = self.verdict_ids
+        out: list[float] = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            with self.lock:
+                inputs = self._inputs(batch, [prompt] * len(batch))
+                logits = self._last_logits(inputs)
+            probs = logits.softmax(-1)
+            p_ok, p_ng = probs[:, ok_ids].sum(-1), probs[:, ng_ids].sum(-1)
+            out.extend((p_ng / (p_ok + p_ng).clamp_min(1e-12)).tolist())
+        return out
+
+    def _last_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Float32 next-token logits after each prompt, (batch, vocab); on CUDA through compiled layers."""
+        fast = self.device.type == "cuda" and self.family.fast_paths
+        compiled = compiled_modules(compile_slots(self.model), self._compiled) if fast else contextlib.nullcontext()
+        with compiled:
+            return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
+
+    def describe(
+        self,
+        images: Sequence[Image.Image],
+        question: str | None = None,
+        max_new_tokens: int = 64,
+        batch_size: int = 8,
+    ) -> list[str]:
+        """Greedy answers to the question, one per image."""
+        prompt = render_prompt(self.processor, question or self.default_question)
+        answers: list[str] = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            answers.extend(self.generate(batch, [prompt] * len(batch), max_new_tokens))
+        return answers
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+    ) -> list[str]:
+        """Answers to fully rendered prompts (see models.chat.prompt).
+
+        For families with the fast paths, greedy answers come from `GreedyDecoder` (static KV cache; on a GPU
+        one CUDA-graph replay per token), which gives the same tokens as transformers' `generate`; sampling,
+        and the other families, go through `generate`.
+        """
+        with self.lock:
+            if temperature > 0 or not self.family.fast_paths:
+                inputs = self._inputs(images, prompts)
+                ids = self.model.generate(**inputs, **self._sampling(max_new_tokens, temperature))
+                new = ids[:, inputs["input_ids"].shape[1] :]
+            else:
+                # Batches are padded to a power of two with copies of the last row: a server's changing
+                # batch sizes then need only a few decoders (each compiles and holds a KV cache).
+                extra = (1 << (len(images) - 1).bit_length()) - len(images)
+                inputs = self._inputs([*images, *[images[-1]] * extra], [*prompts, *[prompts[-1]] * extra])
+                decoder = self._decoder(inputs["input_ids"].shape, max_new_tokens)
+                new = decoder.run(inputs, max_new_tokens)[: len(images)]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def _decoder(self, shape: torch.Size, max_new_tokens: int) -> GreedyDecoder:
+        """A decoder for this batch size and length bucket, kept for reuse (its CUDA graph is the costly part)."""
+        batch, length = shape
+        cache_len = -(-(length + max_new_tokens) // DECODE_LENGTH_STEP) * DECODE_LENGTH_STEP
+        key = (batch, cache_len, adapter_active(self.model))
+        if key not in self._decoders:
+            while len(self._decoders) >= MAX_DECODERS:  # each holds a KV cache: keep memory bounded
+                self._decoders.popitem(last=False)
+            eos = self.model.generation_config.eos_token_id
+            self._decoders[key] = GreedyDecoder(
+                self.model, batch, cache_len, eos, self.tokenizer.pad_token_id, self._compiled, self._stacked
+            )
+        self._decoders.move_to_end(key)
+        return self._decoders[key]
+
+    def stream(
+        self, image: Image.Image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0
+    ) -> Iterator[str]:
+        """Text pieces of one answer as they are generated."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        inputs = self._inputs([image], [prompt])
+
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with self.lock, torch.inference_mode():
+                    self.model.generate(**inputs, streamer=streamer, **self._sampling(max_new_tokens, temperature))
+            except BaseException as err:  # handed to the consumer below instead of dying in this thread
+                failure.append(err)
+            finally:
+                streamer.end()  # a failed generate would otherwise leave the consumer waiting forever
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        yield from (piece for piece in streamer if piece)
+        worker.join()
+        if failure:
+            raise failure[0]
+
+    def _sampling(self, max_new_tokens: int, temperature: float) -> dict[str, Any]:
+        pad = self.tokenizer.pad_token_id
+        if temperature > 0:
+            return {
+                "max_new_tokens": max_new_tokens,
+                "do_sample": True,
+                "temperature": temperature,
+                "pad_token_id": pad,
+            }
+        greedy = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
+        if self.device.type == "cuda":
+            # A static KV cache, which transformers compiles: on the Qwen2.5-VL-7B shape (H200) the stock setup's
+            # describe ran 1.76 images/s at batch 1 with it against 0.81 with the default dynamic cache
+            # (benchmarks/results/h200-qwen2_5_vl.json). Families with `fast_paths` use GreedyDecoder instead.
+            greedy["cache_implementation"] = "static"
+        return greedy
+
+
+def _resizes_with_torch(image_processor: Any) -> bool:
+    """Whether the image processor is transformers' torchvision one (it takes a `device`)."""
+    return any(cls.__name__ == "TorchvisionBackend" for cls in type(image_processor).__mro__)
+
+
+def verdict_token_ids(tokenizer: Any, prompt: str = "ASSISTANT:") -> tuple[list[int], list[int]]:
+    """First token of each way an answer can start with OK or NG right after `prompt` (the rendered prompt).
+
+    Tokenizers split ' OK' differently (one token, or '▁O'+'K'), and the answer starts with a space after
+    LLaVA's `ASSISTANT:` but not after ChatML's `assistant\n`: the first token that follows the prompt in
+    context is what the model's next-token distribution ranks, whatever the split.
+    """
+    prefix = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids: dict[str, list[int]] = {}
+    for word in VERDICTS:
+        found = set()
+        for variant in (f" {word}", word):
+            full = tokenizer(f"{prompt}{variant}", add_special_tokens=False)["input_ids"]
+            if full[: len(prefix)] == prefix and len(full) > len(prefix):
+                found.add(full[len(prefix)])
+        ids[word] = sorted(found)
+    if not ids["OK"] or not ids["NG"] or set(ids["OK"]) & set(ids["NG"]):
+        raise ModelFolderError(f"the tokenizer cannot tell OK from NG by their first token: {ids}")
+    return ids["OK"], ids["NG"]

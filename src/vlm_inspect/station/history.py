@@ -17,6 +17,8 @@ from typing import Any
 from sqlalchemy import Select, and_, func, select
 
 from vlm_inspect.errors import StationError
+from vlm_inspect.station.audit import AuditSample
+from vlm_inspect.station.queue import ORDERS, ordered
 from vlm_inspect.station.schema import Inspection, Photo, Review
 from vlm_inspect.station.store import StationStore
 
@@ -24,6 +26,7 @@ REVIEW_STATES = ("unreviewed", "reviewed", "confirmed", "corrected", "labelled")
 CSV_COLUMNS = (
     "id", "time", "file", "source", "verdict", "p_ng", "threshold", "model", "model_hash", "latency_ms",
     "description", "review", "final_verdict", "defect_type", "boxes", "operator", "review_description", "photo_sha256",
+    "line",
 )  # fmt: skip
 MAX_LIMIT = 1000
 
@@ -40,11 +43,15 @@ class HistoryFilter:
     until: date | None = None
     model: str | None = None
     source: str | None = None
+    line: str | None = None
+    order: str = "newest"
+    sample: AuditSample = AuditSample()
+    queue: bool = False
     limit: int = 200
     offset: int = 0
 
     def problems(self) -> list[str]:
-        problems = []
+        problems = [] if self.order in ORDERS else [f"order: {self.order!r} is not one of {', '.join(ORDERS)}"]
         if self.verdict not in (None, "OK", "NG"):
             problems.append(f"verdict: {self.verdict!r} is not OK or NG")
         if self.review not in (None, *REVIEW_STATES):
@@ -86,6 +93,8 @@ def _query(flt: HistoryFilter) -> Select:
         conditions.append(Inspection.model_name == flt.model)
     if flt.source:
         conditions.append(Inspection.source == flt.source)
+    if flt.line:
+        conditions.append(Inspection.line == flt.line)
     conditions += _review_condition(flt.review)
     return query.where(*conditions)
 
@@ -109,11 +118,10 @@ def list_records(store: StationStore, flt: HistoryFilter, oldest_first: bool = F
     problems = flt.problems()
     if problems:
         raise StationError("history filter: " + "; ".join(problems))
-    query = _query(flt)
-    order = Inspection.id.asc() if oldest_first else Inspection.id.desc()
+    query, order = ordered(_query(flt), "oldest" if oldest_first else flt.order, flt.sample, flt.queue)
     with store.reading() as session:
         total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-        rows = session.execute(query.order_by(order).limit(flt.limit).offset(flt.offset)).all()
+        rows = session.execute(query.order_by(*order).limit(flt.limit).offset(flt.offset)).all()
     return [as_dict(*row) for row in rows], total
 
 
@@ -155,6 +163,7 @@ def as_dict(inspection: Inspection, review: Review | None, photo: Photo) -> dict
         "time": _iso(inspection.created_at),
         "file": inspection.file_name,
         "source": inspection.source,
+        "line": inspection.line,
         "verdict": inspection.verdict,
         "p_ng": inspection.p_ng,
         "threshold": inspection.threshold,

@@ -38,6 +38,10 @@ DbOpt = Annotated[
     Optional[str], typer.Option(help="Database URL instead of DIR/station.db (postgresql+psycopg://...).")
 ]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="auto, bf16, fp16, fp32, or fp8 (FP8 language model).")]
+LineOpt = Annotated[Optional[str], typer.Option(help="Line name recorded with each inspection.")]
+BaselineOpt = Annotated[
+    Optional[Path], typer.Option(help="evaluate report (folder or results.json): the drift reference.")
+]
 
 
 def _run(fn: Callable[[], Any]) -> Any:
@@ -298,6 +302,11 @@ def serve(
     station: StationOpt = None,
     db: DbOpt = None,
     precision: PrecisionOpt = None,
+    line: LineOpt = None,
+    baseline: BaselineOpt = None,
+    shift_hours: Annotated[Optional[str], typer.Option(help="Local shift start hours, e.g. 6,14,22.")] = None,
+    timezone: Annotated[Optional[str], typer.Option(help="Plant time zone, e.g. Europe/Berlin.")] = None,
+    audit_rate: Annotated[Optional[float], typer.Option(help="Share of inspections in the audit sample.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Serve the model: REST inspection, OpenAI-compatible chat, operator web page."""
@@ -318,6 +327,11 @@ def serve(
             station=_s(station),
             db=db,
             precision=precision,
+            line=line,
+            baseline=_s(baseline),
+            shift_hours=shift_hours,
+            timezone=timezone,
+            audit_rate=audit_rate,
         )
     )
 
@@ -343,6 +357,9 @@ def watch(
     once: Annotated[Optional[bool], typer.Option("--once", help="Inspect what is there now, then exit.")] = None,
     max_polls: Annotated[Optional[int], typer.Option(help="Stop after this many polls.")] = None,
     device: DeviceOpt = None,
+    line: LineOpt = None,
+    baseline: BaselineOpt = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on this port.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Inspect each new photo in a hot folder once, record it, and sort or answer it."""
@@ -364,6 +381,9 @@ def watch(
             once=once,
             max_polls=max_polls,
             device=device,
+            line=line,
+            baseline=_s(baseline),
+            metrics_port=metrics_port,
         )
     )
     _run(lambda: run(cfg))

@@ -266,6 +266,32 @@ class ServeConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = "auto"
     """Weights' precision; auto is bf16 on a GPU that has it, fp32 on CPU. fp8: the language-model
     linears stored and run in FP8 (the rest bf16), on GPUs of compute capability 8.9+."""
+    line: str | None = None
+    """Line name recorded with every inspection, e.g. 'line 2'; unset: the source (page, api, chat)."""
+    baseline: str | None = None
+    """An `evaluate` report folder (or its results.json): the tuned model's p(NG) there is the drift reference; unset: the station's first baseline_n inspections under the model."""
+    baseline_n: int = 500
+    """The first this many inspections under a model are its station baseline (drift reference, NG rate)."""
+    drift_window: int = 500
+    """Each line's latest this many inspections under a model are compared with the model's baseline."""
+    drift_psi_warn: float = 0.1
+    """Population stability index of the window against the baseline at which drift is a warning."""
+    drift_psi_alarm: float = 0.25
+    """Population stability index at which drift is an alarm (page, /v1/station/health, log)."""
+    drift_ng_sigma: float = 3.0
+    """The window's NG rate is an alarm beyond the station baseline's NG rate ± this many binomial σ."""
+    audit_rate: float = 0.02
+    """Share of inspections drawn into the random audit sample, whose reviews measure escape and overkill."""
+    audit_seed: int = 0
+    """Which random audit sample (another seed draws another one)."""
+    audit_escape_target: float = 0.01
+    """Escape rate the audit should bound: the line view says how many reviews would show it (95% upper bound)."""
+    audit_overkill_target: float = 0.05
+    """Overkill rate the audit should bound (95% upper bound)."""
+    shift_hours: list[int] = field(default_factory=lambda: [6, 14, 22])
+    """Local hours at which shifts start, for the line view: 6,14,22 is A 06–14, B 14–22, C 22–06."""
+    timezone: str | None = None
+    """The plant's time zone for the line view's hours, shifts and days (e.g. Europe/Berlin); unset: this machine's."""
 
 
 @dataclass
@@ -308,6 +334,28 @@ class WatchConfig:
     """Photos per forward pass."""
     device: str = "auto"
     """cpu, cuda, cuda:1 ... or auto."""
+    line: str | None = None
+    """Line name recorded with every inspection; unset: the hot folder's name (the camera's folder)."""
+    baseline: str | None = None
+    """An `evaluate` report folder (or its results.json): the tuned model's p(NG) there is the drift reference; unset: the station's first baseline_n inspections under the model."""
+    baseline_n: int = 500
+    """The first this many inspections under a model are its station baseline (drift reference, NG rate)."""
+    drift_window: int = 500
+    """Each line's latest this many inspections under a model are compared with the model's baseline."""
+    drift_psi_warn: float = 0.1
+    """Population stability index of the window against the baseline at which drift is a warning."""
+    drift_psi_alarm: float = 0.25
+    """Population stability index at which drift is an alarm (page, /v1/station/health, log)."""
+    drift_ng_sigma: float = 3.0
+    """The window's NG rate is an alarm beyond the station baseline's NG rate ± this many binomial σ."""
+    audit_rate: float = 0.02
+    """Share of inspections drawn into the random audit sample, whose reviews measure escape and overkill."""
+    audit_seed: int = 0
+    """Which random audit sample (another seed draws another one)."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics (inspections, verdicts, latency, drift) at http://metrics_host:PORT/metrics."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the metrics endpoint; only this machine can scrape it unless changed."""
 
 
 @dataclass

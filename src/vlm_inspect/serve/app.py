@@ -34,6 +34,7 @@ from PIL import Image
 from vlm_inspect.config import ServeConfig, require
 from vlm_inspect.data.images import load_image
 from vlm_inspect.errors import ConfigError, DataError, VlmInspectError
+from vlm_inspect.station.line_settings import line_problems
 
 try:
     import uvicorn
@@ -61,11 +62,13 @@ from vlm_inspect.serve.limits import (
     resolve_api_key,
     until_client_leaves,
 )
+from vlm_inspect.serve.line_routes import line_router
 from vlm_inspect.serve.station_routes import Recorder, station_router
 
 STATIC = Path(__file__).parent / "static"
 PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "app.css": "text/css"}
 PAGE_FILES |= {"history.html": "text/html", "history.js": "text/javascript"}
+PAGE_FILES |= {"line.html": "text/html", "line.js": "text/javascript", "line.css": "text/css"}
 
 # Larger than any line camera's frame (a 50 MP photo decodes to 150 MB); refused before decoding.
 MAX_IMAGE_PIXELS = 50_000_000
@@ -187,7 +190,9 @@ def create_app(predictor: Any, cfg: ServeConfig) -> FastAPI:
     guard(app, cfg.host, cfg.port)
     _add_api_routes(app, predictor, cfg, max_upload, recorder)
     _add_page_routes(app)
-    app.include_router(station_router(recorder.store, [Depends(_key_checker(cfg.api_key))], _page_file))
+    auth = [Depends(_key_checker(cfg.api_key))]
+    app.include_router(station_router(recorder.store, auth, _page_file, recorder.monitor.settings.sample))
+    app.include_router(line_router(recorder.monitor, auth, _page_file))
     return app
 
 
@@ -585,6 +590,7 @@ def check_serve_config(cfg: ServeConfig) -> None:
             problems.append(f"{name}: {getattr(cfg, name)} must be more than 0")
     if cfg.api_key is not None and not cfg.api_key.strip():
         problems.append("api_key: empty; leave it unset or give a key")
+    problems += line_problems(cfg)
     if problems:
         raise ConfigError(problems)
 

@@ -88,11 +88,16 @@ def label_app(store: StationStore, api_key: str | None, host: str = "127.0.0.1",
     from fastapi.responses import RedirectResponse
 
     from vlm_inspect.serve import app as serving
+    from vlm_inspect.serve.line_routes import line_router
     from vlm_inspect.serve.station_routes import station_router
+    from vlm_inspect.station.line_settings import LineSettings
+    from vlm_inspect.station.monitor import LineMonitor
 
     app = FastAPI(title="vlm-inspect label", docs_url=None, redoc_url=None, openapi_url=None)
     serving.guard(app, host, port)
-    app.include_router(station_router(store, [Depends(serving._key_checker(api_key))], serving._page_file))
+    auth, monitor = [Depends(serving._key_checker(api_key))], LineMonitor(store, LineSettings())
+    app.include_router(station_router(store, auth, serving._page_file, monitor.settings.sample))
+    app.include_router(line_router(monitor, auth, serving._page_file))
 
     @app.get("/", include_in_schema=False)
     async def start() -> RedirectResponse:

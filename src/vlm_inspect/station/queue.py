@@ -34,7 +34,7 @@ def ordered(query: Select, order: str, sample: AuditSample, queue: bool = False)
         queue: the labeller's queue: unreviewed records only (disagreements: reviewed by one operator only).
     """
     if queue:
-        query = query.where(_once_reviewed() if order == "disagreements" else Review.id.is_(None))
+        query = query.where(_once_reviewed() if order == "disagreements" else unreviewed())
     if order == "oldest":
         return query, [Inspection.id.asc()]
     if order == "least-sure":
@@ -47,6 +47,13 @@ def ordered(query: Select, order: str, sample: AuditSample, queue: bool = False)
     return query, [Inspection.id.desc()]
 
 
+def unreviewed() -> Any:
+    """No review of the inspection exists. NOT EXISTS, which PostgreSQL estimates well: `Review.id IS NULL`
+    after the outer join it took for one row, and sorted a million records for the least-sure queue."""
+    any_review = aliased(Review)
+    return ~exists(select(any_review.id).where(any_review.inspection_id == Inspection.id))
+
+
 def _once_reviewed() -> Any:
     earlier = aliased(Review)
     return ~exists(select(earlier.id).where(earlier.inspection_id == Inspection.id, earlier.id < Review.id))
@@ -54,7 +61,8 @@ def _once_reviewed() -> Any:
 
 def audit_unreviewed(store: Any, sample: AuditSample) -> int:
     """How many records of the audit sample no operator has reviewed (the audit queue's depth)."""
-    reviewed = exists(select(Review.id).where(Review.inspection_id == Inspection.id))
-    query = select(func.count()).where(sample.condition(Inspection.audit_u), Inspection.verdict.is_not(None), ~reviewed)
+    query = select(func.count()).where(
+        sample.condition(Inspection.audit_u), Inspection.verdict.is_not(None), unreviewed()
+    )
     with store.reading() as session:
         return int(session.scalar(query) or 0)

@@ -1,9 +1,9 @@
 """The quality engineer's line view: per line and model, the NG rate per period as a p-chart, latency,
 the recent p(NG) against the model's reference, and the line's quality measured from the audit sample.
 
-One page view runs three aggregate queries over the chosen days (NG counts and latency per 15-minute
-slot, latency buckets, the audit sample with its latest reviews) and one drift window per line and
-model; everything else is folded in Python. Periods are local hours, shifts or days (periods.py).
+One page view runs two queries over the chosen days (NG counts and latency per 15-minute slot; the
+audit sample with its latest reviews) and one drift window per line and model; everything else is
+folded in Python. Periods are local hours, shifts or days (periods.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from vlm_inspect.station.audit import Quality, line_quality
 from vlm_inspect.station.line_settings import LineSettings
 from vlm_inspect.station.metrics import LATENCY_BUCKETS_S, latency_percentiles
 from vlm_inspect.station.monitor import health_row, judge_pair
-from vlm_inspect.station.periods import PERIODS, SLOT_S, period_of, slot_moment
+from vlm_inspect.station.periods import PERIODS, SLOT_S, Period, period_of, slot_moment
 from vlm_inspect.station.schema import Inspection, Review
 from vlm_inspect.station.spc import p_chart
 from vlm_inspect.station.store import StationStore
@@ -62,6 +62,7 @@ class _Group:
     model: str
     model_hash: str
     periods: dict[datetime, list[Any]]  # start -> [label, n, ng, latency sum, latency count, latency max]
+    latency: list[int]  # inspections per latency bucket (LATENCY_BUCKETS_S, then the open one)
 
 
 def line_view(store: StationStore, q: LineQuery, settings: LineSettings) -> dict[str, Any]:
@@ -77,14 +78,13 @@ def line_view(store: StationStore, q: LineQuery, settings: LineSettings) -> dict
     since = datetime.combine(q.since, time(), zone).astimezone(timezone.utc)
     until = datetime.combine(q.until + timedelta(days=1), time(), zone).astimezone(timezone.utc)
     groups = _groups(store, q, settings, since, until)
-    latency = _latency_buckets(store, q, since, until)
     return {
         "since": q.since.isoformat(),
         "until": q.until.isoformat(),
         "period": q.period,
         "timezone": str(zone),
         "shift_hours": list(settings.shift_hours),
-        "groups": [_group_view(store, g, settings, q.period, latency.get((g.line, g.model_hash), [])) for g in groups],
+        "groups": [_group_view(store, g, settings, q.period) for g in groups],
         "audit": _audit_view(store, q, settings, groups, since, until),
     }
 
@@ -104,59 +104,62 @@ def _filters(q: LineQuery, since: datetime, until: datetime) -> list[Any]:
 def _slot(dialect: str) -> Any:
     """The 15-minute UTC slot of an inspection's time, in SQL (seconds since 1970 // 900)."""
     if dialect == "sqlite":
-        return cast(func.strftime("%s", Inspection.created_at), Integer) / SLOT_S
+        return cast(func.strftime("%s", Inspection.created_at), Integer) // SLOT_S
     return cast(func.floor(extract("epoch", Inspection.created_at) / SLOT_S), BigInteger)
 
 
 def _groups(store: StationStore, q: LineQuery, s: LineSettings, since: datetime, until: datetime) -> list[_Group]:
+    """One scan: per line, model and 15-minute slot, inspections, NG, latency sum/count/max and cumulative
+    latency counts per bucket (as Prometheus's `le`), folded into the query's periods."""
     slot = _slot(store.engine.dialect.name).label("slot")
     ng = func.sum(case((Inspection.verdict == "NG", 1), else_=0))
+    at_most = [func.sum(case((Inspection.latency_ms <= b * 1000, 1), else_=0)) for b in LATENCY_BUCKETS_S]
     keys = (Inspection.line, Inspection.model_name, Inspection.model_hash)
+    latency = (func.sum(Inspection.latency_ms), func.count(Inspection.latency_ms), func.max(Inspection.latency_ms))
     query = (
-        select(
-            *keys,
-            slot,
-            func.count(),
-            ng,
-            func.sum(Inspection.latency_ms),
-            func.count(Inspection.latency_ms),
-            func.max(Inspection.latency_ms),
-        )
+        select(*keys, slot, func.count(), ng, *latency, *at_most)
         .where(*_filters(q, since, until))
         .group_by(*keys, slot)
     )
     with store.reading() as session:
         rows = session.execute(query).all()
-    zone, shifts = s.zone, list(s.shift_hours)
+    fold = _PeriodCache(q.period, s)
     found: dict[tuple, _Group] = {}
-    for line, name, model_hash, number, n, bad, lat_sum, lat_n, lat_max in rows:
+    for line, name, model_hash, number, n, bad, lat_sum, lat_n, lat_max, *cumulative in rows:
         key = (line or "", model_hash or "", name or "")
-        group = found.setdefault(key, _Group(key[0], name or "(no model)", model_hash or "", {}))
-        period = period_of(slot_moment(int(number)), q.period, zone, shifts)
+        group = found.setdefault(key, _Group(key[0], name or "(no model)", model_hash or "", {}, _no_latency()))
+        period = fold(int(number))
         acc = group.periods.setdefault(period.start, [period.label, 0, 0, 0.0, 0, None])
         acc[1] += n
         acc[2] += int(bad or 0)
         acc[3] += float(lat_sum or 0.0)
         acc[4] += int(lat_n or 0)
         acc[5] = lat_max if acc[5] is None else max(acc[5], lat_max or 0.0)
+        below = 0
+        for i, c in enumerate([*(int(c or 0) for c in cumulative), int(lat_n or 0)]):
+            group.latency[i] += c - below
+            below = c
     return [found[k] for k in sorted(found)]
 
 
-def _latency_buckets(store: StationStore, q: LineQuery, since: datetime, until: datetime) -> dict[tuple, list[int]]:
-    """Inspections per latency bucket (LATENCY_BUCKETS_S, then one open bucket) for each line and model."""
-    bucket = case(
-        *[(Inspection.latency_ms <= b * 1000, i) for i, b in enumerate(LATENCY_BUCKETS_S)], else_=len(LATENCY_BUCKETS_S)
-    )
-    query = (
-        select(Inspection.line, Inspection.model_hash, bucket.label("b"), func.count())
-        .where(*_filters(q, since, until), Inspection.latency_ms.is_not(None))
-        .group_by(Inspection.line, Inspection.model_hash, bucket)
-    )
-    out: dict[tuple, list[int]] = defaultdict(lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
-    with store.reading() as session:
-        for line, model_hash, b, n in session.execute(query):
-            out[(line or "", model_hash or "")][int(b)] += n
-    return dict(out)
+def _no_latency() -> list[int]:
+    return [0] * (len(LATENCY_BUCKETS_S) + 1)
+
+
+class _PeriodCache:
+    """The period of a 15-minute slot, worked out once per slot."""
+
+    def __init__(self, period: str, s: LineSettings):
+        self.period, self.zone, self.shifts, self.known = period, s.zone, list(s.shift_hours), {}
+
+    def __call__(self, slot: int) -> Period:
+        if slot not in self.known:
+            self.known[slot] = period_of(slot_moment(slot), self.period, self.zone, self.shifts)
+        return self.known[slot]
+
+    def of(self, moment: datetime) -> Period:
+        utc = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)  # SQLite hands back naive UTC
+        return self(int(utc.timestamp()) // SLOT_S)
 
 
 def _audit_rows(store: StationStore, q: LineQuery, s: LineSettings, since: datetime, until: datetime) -> list[Any]:
@@ -175,7 +178,7 @@ def _audit_rows(store: StationStore, q: LineQuery, s: LineSettings, since: datet
 # ---------------------------------------------------------------- folding
 
 
-def _group_view(store: StationStore, g: _Group, s: LineSettings, period: str, lat_buckets: list[int]) -> dict[str, Any]:
+def _group_view(store: StationStore, g: _Group, s: LineSettings, period: str) -> dict[str, Any]:
     starts = sorted(g.periods)
     rows = [g.periods[t] for t in starts]
     labels = [r[0] for r in rows]
@@ -190,7 +193,7 @@ def _group_view(store: StationStore, g: _Group, s: LineSettings, period: str, la
         "center": chart.center,
         "points": [asdict(p) for p in chart.points],
         "breaks": [asdict(b) for b in chart.breaks],
-        "latency": {"mean_ms": means, "max_ms": [r[5] for r in rows], **latency_percentiles(lat_buckets)},
+        "latency": {"mean_ms": means, "max_ms": [r[5] for r in rows], **latency_percentiles(g.latency)},
         "drift": drift,
         "charts": {
             "p_chart": charts.p_chart_svg(chart, f"NG share per {period}"),
@@ -206,7 +209,7 @@ def _audit_view(
     store: StationStore, q: LineQuery, s: LineSettings, groups: list[_Group], since: datetime, until: datetime
 ) -> dict[str, Any]:
     """Escape, overkill and outgoing NG per model, for the whole view and for each period."""
-    zone, shifts = s.zone, list(s.shift_hours)
+    fold = _PeriodCache(q.period, s)
     counts: dict[str, dict[Any, list]] = defaultdict(dict)  # model hash -> period start or "all" -> [label, n, passed]
     names = {}
     for g in groups:
@@ -218,8 +221,7 @@ def _audit_view(
                 acc[2] += n - bad
     pairs: dict[str, dict[Any, list]] = defaultdict(lambda: defaultdict(list))
     for created, _name, model_hash, verdict, truth in _audit_rows(store, q, s, since, until):
-        moment = created if created.tzinfo else created.replace(tzinfo=timezone.utc)
-        start = period_of(moment, q.period, zone, shifts).start
+        start = fold.of(created).start
         for key in (start, "all"):
             pairs[model_hash or ""][key].append((verdict, truth))
     models = []

@@ -278,7 +278,7 @@ def test_bad_line_settings_are_listed_together(tmp_path: Path):
     )  # fmt: skip
     with pytest.raises(ConfigError) as err:
         check_serve_config(cfg)
-    for words in ("baseline:", "too few", "timezone: 'Mars/Base'", "shift_hours: 25", "audit_rate: 0", "drift_psi_warn",
+    for words in ("baseline: needs a station", "too few", "timezone: 'Mars/Base'", "shift_hours: 25", "audit_rate: 0", "drift_psi_warn",
                   "line: ", "drift_window: 5"):  # fmt: skip
         assert words in str(err.value), words
     with pytest.raises(ConfigError, match="not a results.json"):

@@ -76,6 +76,8 @@ def line_problems(cfg: Any) -> list[str]:
         problems.append(f"drift_ng_sigma: {s.drift_ng_sigma} must be more than 0")
     problems += shift_problems(list(s.shift_hours)) + zone_problems(s.timezone)
     problems += audit.problems(s.audit_rate, s.audit_escape_target, s.audit_overkill_target)
+    if s.baseline and not (getattr(cfg, "station", None) or getattr(cfg, "db", None)):
+        problems.append("baseline: needs a station (--station DIR), where the model's baseline is kept")
     if s.baseline:
         try:
             read_report(s.baseline)

@@ -36,6 +36,7 @@ from vlm_inspect.station.history import HistoryFilter, list_records  # noqa: E40
 from vlm_inspect.station.line_settings import LineSettings  # noqa: E402
 from vlm_inspect.station.lineview import LineQuery, line_view  # noqa: E402
 from vlm_inspect.station.metrics import StationMetrics, serve_metrics  # noqa: E402
+from vlm_inspect.station.monitor import LineMonitor  # noqa: E402
 from vlm_inspect.station.schema import Baseline, Inspection  # noqa: E402
 from vlm_inspect.station.store import DB_NAME, MIGRATIONS, open_store  # noqa: E402
 from vlm_inspect.station.watch import Watcher, check_watch_config  # noqa: E402
@@ -241,6 +242,22 @@ def test_health_collects_until_the_baseline_and_window_are_full(tmp_path: Path):
         _post_line(client, 20, None, seed=2)
         (row,) = client.get("/v1/station/health").json()["lines"]
     assert row["status"] == "collecting" and row["reasons"] == ["20 of 50 inspections"] and row["reference"] is None
+
+
+def test_the_monitor_logs_an_alarm_and_when_it_clears(tmp_path: Path, caplog):
+    caplog.set_level(logging.WARNING, logger="vlm_inspect.station")
+    store = open_store(tmp_path / "st")
+    monitor = LineMonitor(store, LineSettings(baseline_n=300, drift_window=300))
+    start = datetime.now(timezone.utc) - timedelta(hours=6)
+    fill_line(store, 600, start, timedelta(seconds=20), drift_after=300)  # the camera turns brighter
+    assert monitor.check()["status"] == "alarm"
+    assert monitor.check()["status"] == "alarm"  # still raised: logged once
+    fill_line(store, 300, start + timedelta(hours=4), timedelta(seconds=20), seed=7)  # the camera is put right
+    assert monitor.check()["status"] == "ok"
+    drift_lines = [m for m in caplog.messages if "drift" in m]
+    assert len(drift_lines) == 2 and "drift ALARM on line cam1, model boxes-v1" in drift_lines[0]
+    assert drift_lines[1].startswith("drift alarm cleared on line cam1") and drift_lines[1].endswith("(now ok)")
+    store.close()
 
 
 def _report(path: Path, n_ok: int = 80, n_ng: int = 20) -> Path:

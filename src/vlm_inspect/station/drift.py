@@ -149,7 +149,8 @@ def judge(
         reason = waiting or "no reference distribution yet"
         return Judgement("collecting", len(window), recent=recent, reasons=[reason])
     ng_share = sum(1 for _, verdict, _ in window if verdict == "NG") / len(window)
-    threshold = statistics.median(t for _, _, t in window if t is not None) if any(t for _, _, t in window) else 0.5
+    thresholds = [t for _, _, t in window if t is not None]
+    threshold = statistics.median(thresholds) if thresholds else 0.5
     expected, pi = reference.expected(ng_share, threshold)
     value = psi(shares(recent), expected)
     out = Judgement("ok", len(window), value, ng_share, None, pi, recent, expected)

@@ -85,12 +85,8 @@ class LineMonitor:
         row = health_row(line, name or model_hash, model_hash, judgement, reference)
         self.metrics.drifted(line, row["model"], model_hash, judgement.status, judgement.psi, judgement.ng_rate)
         before = self.states.get((line, model_hash))
-        if (
-            before is not None
-            and before != judgement.status
-            or before is None
-            and judgement.status in ("warn", "alarm")
-        ):
+        first_seen_raised = before is None and judgement.status in ("warn", "alarm")
+        if first_seen_raised or before is not None and before != judgement.status:
             _log_change(row, before)
         self.states[(line, model_hash)] = judgement.status
         return row

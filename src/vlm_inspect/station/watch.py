@@ -95,7 +95,7 @@ class Watcher:
     def __init__(self, store: StationStore, predictor: Any, cfg: WatchConfig, model_hash: str):
         self.store, self.predictor, self.cfg, self.model_hash = store, predictor, cfg, model_hash
         self.folder = Path(cfg.folder).resolve()
-        self.line = cfg.line or self.folder.name  # the camera's folder names the line unless --line does
+        self.line = (cfg.line or self.folder.name)[:80]  # the camera's folder names the line unless --line does
         self.monitor = LineMonitor(store, LineSettings.of(cfg))
         self.previous: dict[Path, tuple[int, int]] = {}
         self.done: set[str] = set()  # keys finished in this run: no database look-up each poll

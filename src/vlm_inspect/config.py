@@ -208,6 +208,39 @@ class ConvertConfig:
 
 
 @dataclass
+class LineSettings:
+    """What the station's line view, drift alarms and audit sample read: one group embedded in the settings of
+    serve and watch."""
+
+    line: str | None = None
+    """Line name recorded with every inspection, e.g. 'line 2'; unset: watch's hot-folder name, serve's source (page, api, chat)."""
+    baseline: str | None = None
+    """An `evaluate` report folder (or its results.json): the tuned model's p(NG) there is the drift reference; unset: the station's first baseline_n inspections under the model."""
+    baseline_n: int = 500
+    """The first this many inspections under a model are its station baseline (drift reference, NG rate)."""
+    drift_window: int = 500
+    """Each line's latest this many inspections under a model are compared with the model's baseline."""
+    drift_psi_warn: float = 0.1
+    """Population stability index of the window against the baseline at which drift is a warning."""
+    drift_psi_alarm: float = 0.25
+    """Population stability index at which drift is an alarm (page, /v1/station/health, log)."""
+    drift_ng_sigma: float = 3.0
+    """The window's NG rate is an alarm beyond the station baseline's NG rate ± this many binomial σ."""
+    audit_rate: float = 0.02
+    """Share of inspections drawn into the random audit sample, whose reviews measure escape and overkill."""
+    audit_seed: int = 0
+    """Which random audit sample (another seed draws another one)."""
+    audit_escape_target: float = 0.01
+    """Escape rate the audit should bound: the line view says how many reviews would show it (95% upper bound)."""
+    audit_overkill_target: float = 0.05
+    """Overkill rate the audit should bound (95% upper bound)."""
+    shift_hours: list[int] = field(default_factory=lambda: [6, 14, 22])
+    """Local hours at which shifts start, for the line view: 6,14,22 is A 06–14, B 14–22, C 22–06."""
+    timezone: str | None = None
+    """The plant's time zone for the line view's hours, shifts and days (e.g. Europe/Berlin); unset: this machine's."""
+
+
+@dataclass
 class PredictConfig(ModelSettings):
     """Score photos OK/NG (and describe them) with a base, tuned or merged model."""
 
@@ -260,7 +293,7 @@ class EvaluateConfig(ModelSettings):
 
 
 @dataclass
-class ServeConfig(ModelSettings):
+class ServeConfig(LineSettings, ModelSettings):
     """Serve the model: REST inspection, OpenAI-compatible chat, operator web page."""
 
     host: str = "127.0.0.1"
@@ -308,7 +341,7 @@ class DemoConfig:
 
 
 @dataclass
-class WatchConfig(ModelSettings):
+class WatchConfig(LineSettings, ModelSettings):
     """Inspect each new photo in a hot folder once, record it, and sort or answer it."""
 
     positional: ClassVar[str] = "folder"
@@ -333,6 +366,10 @@ class WatchConfig(ModelSettings):
     """Stop after this many polls (unset: run until interrupted)."""
     batch_size: int = 8
     """Photos per forward pass."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics (inspections, verdicts, latency, drift) at http://metrics_host:PORT/metrics."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the metrics endpoint; only this machine can scrape it unless changed."""
 
 
 @dataclass

@@ -19,6 +19,7 @@ from vlm_inspect.inference import Predictor
 from vlm_inspect.service.app import create_app
 from vlm_inspect.service.http import bind, is_loopback, run_server
 from vlm_inspect.service.limits import resolve_api_key
+from vlm_inspect.station.line_settings import line_problems
 
 
 def check_serve_config(cfg: ServeConfig) -> None:
@@ -38,6 +39,7 @@ def check_serve_config(cfg: ServeConfig) -> None:
             problems.append(f"{name}: {getattr(cfg, name)} must be more than 0")
     if cfg.api_key is not None and not cfg.api_key.strip():
         problems.append("api_key: empty; leave it unset or give a key")
+    problems += line_problems(cfg)
     if problems:
         raise ConfigError(problems)
 

@@ -24,7 +24,11 @@ from vlm_inspect.config import WatchConfig, require
 from vlm_inspect.data.images import IMAGE_SUFFIXES, load_image
 from vlm_inspect.errors import ConfigError, DataError
 from vlm_inspect.inference import Predictor
+from vlm_inspect.station.baselines import keep_report, read_report
 from vlm_inspect.station.identity import model_identity
+from vlm_inspect.station.line_settings import LineSettings, line_problems
+from vlm_inspect.station.metrics import serve_metrics
+from vlm_inspect.station.monitor import LineMonitor
 from vlm_inspect.station.store import StationStore, open_store
 
 RESULT_SUFFIX = ".result.json"
@@ -48,12 +52,19 @@ def watch(cfg: WatchConfig) -> Path:
     """
     check_watch_config(cfg)
     store = open_store(cfg.station, cfg.db)
+    metrics = None
     try:
         predictor = Predictor.load(cfg)
         watcher = Watcher(store, predictor, cfg, model_identity(cfg.model, cfg.adapter)[1])
-        console.print(f"watching {cfg.folder} with {predictor.name}; recording to {store.where}")
+        if cfg.baseline:
+            keep_report(store, watcher.model_hash, predictor.name, read_report(cfg.baseline))
+        if cfg.metrics_port is not None:
+            metrics = serve_metrics(watcher.monitor.metrics, cfg.metrics_host, cfg.metrics_port)
+        console.print(f"watching {cfg.folder} as line {watcher.line} with {predictor.name}; recording to {store.where}")
         watcher.run()
     finally:
+        if metrics is not None:
+            metrics.shutdown()
         store.close()
     return Path(cfg.folder)
 
@@ -70,6 +81,9 @@ def check_watch_config(cfg: WatchConfig) -> None:
         problems.append(f"batch_size: {cfg.batch_size} must be at least 1")
     if cfg.max_polls is not None and cfg.max_polls < 1:
         problems.append(f"max_polls: {cfg.max_polls} must be at least 1")
+    if cfg.metrics_port is not None and not 1 <= cfg.metrics_port <= 65535:
+        problems.append(f"metrics_port: {cfg.metrics_port} is not between 1 and 65535")
+    problems += line_problems(cfg)
     if problems:
         raise ConfigError(problems)
 
@@ -80,6 +94,8 @@ class Watcher:
     def __init__(self, store: StationStore, predictor: Any, cfg: WatchConfig, model_hash: str):
         self.store, self.predictor, self.cfg, self.model_hash = store, predictor, cfg, model_hash
         self.folder = Path(cfg.folder).resolve()
+        self.line = (cfg.line or self.folder.name)[:80]  # the camera's folder names the line unless --line does
+        self.monitor = LineMonitor(store, LineSettings.of(cfg))
         self.previous: dict[Path, tuple[int, int]] = {}
         self.done: set[str] = set()  # keys finished in this run: no database look-up each poll
         self.inspected = 0
@@ -156,11 +172,14 @@ class Watcher:
                 model_name=self.predictor.name,
                 model_hash=self.model_hash,
                 latency_ms=round(latency, 1),
+                line=self.line,
             )
+            self.monitor.answered(self.line, self.predictor.name, verdict, latency)
             if record_id is None:  # another watcher recorded it first: its verdict stands
                 recorded = self.store.find_key(item.key)
                 verdict, p_ng, record_id = recorded.verdict, recorded.p_ng, recorded.id
             self._finish(item, verdict, p_ng, record_id)
+        self.monitor.maybe_check()
         return len(todo)
 
     def _load(self, item: _Ready) -> tuple[bytes, Any] | None:

@@ -37,6 +37,7 @@ from vlm_inspect.service.http import (
     validate_body,
 )
 from vlm_inspect.service.limits import BodyDeadline, BodyLimit, check_prompt_length, until_client_leaves
+from vlm_inspect.service.line_routes import line_router
 from vlm_inspect.service.openai import ChatRequest, completion, conversation, stream_response
 from vlm_inspect.service.station_routes import Recorder, station_router
 
@@ -89,7 +90,9 @@ def create_app(predictor: Any, cfg: ServeConfig) -> FastAPI:
     guard(app, cfg.host, cfg.port)
     _add_api_routes(app, predictor, cfg, max_upload, recorder)
     _add_page_routes(app)
-    app.include_router(station_router(recorder.store, [Depends(key_checker(cfg.api_key))], page_file))
+    auth = [Depends(key_checker(cfg.api_key))]
+    app.include_router(station_router(recorder.store, auth, page_file, recorder.monitor.settings.sample))
+    app.include_router(line_router(recorder.monitor, auth, page_file))
     return app
 
 

@@ -30,6 +30,7 @@ STATIC = Path(__file__).parent / "static"
 
 PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "app.css": "text/css"}
 PAGE_FILES |= {"history.html": "text/html", "history.js": "text/javascript"}
+PAGE_FILES |= {"line.html": "text/html", "line.js": "text/javascript", "line.css": "text/css"}
 
 
 RETRY_AFTER_S = 1

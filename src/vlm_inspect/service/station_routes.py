@@ -4,13 +4,15 @@ Routes (all but the pages need the API key when one is set):
 `GET /history` (the history, review and labelling page), `GET /v1/station/records` (filtered list),
 `GET /v1/station/records.csv` (the same view as CSV), `GET /v1/station/records/{id}` (one record with
 its reviews), `GET /v1/station/records/{id}/photo` (the photo's bytes), `POST /v1/station/records/{id}/reviews`
-(an operator's review), `GET /v1/station/queue` (unreviewed records, oldest first, for labelling).
+(an operator's review), `GET /v1/station/queue?order=` (the labeller's queue: oldest, least-sure,
+disagreements or audit first; station/queue.py). The list and the CSV take `order=` and `line=` too.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import replace
 from datetime import date
 from typing import Annotated, Any
 from urllib.parse import unquote
@@ -25,8 +27,12 @@ from vlm_inspect.config import ServeConfig
 from vlm_inspect.data.prompts import parse_verdict
 from vlm_inspect.errors import StationError
 from vlm_inspect.service.http import guard, key_checker, page_file
+from vlm_inspect.station.audit import AuditSample
+from vlm_inspect.station.baselines import keep_report, read_report
 from vlm_inspect.station.history import HistoryFilter, all_records, csv_text, get_record, list_records, models_seen
 from vlm_inspect.station.identity import model_identity
+from vlm_inspect.station.line_settings import LineSettings
+from vlm_inspect.station.monitor import LineMonitor
 from vlm_inspect.station.store import StationStore, open_store
 
 SOURCE_HEADER = "x-inspect-source"
@@ -38,14 +44,26 @@ _PHOTO_TYPES |= {".webp": "image/webp", ".gif": "image/gif"}
 class Recorder:
     """Writes each inspection the server answers into the station store (a no-op without a station)."""
 
-    def __init__(self, store: StationStore | None, model_name: str = "", model_hash: str | None = None):
-        self.store, self.model_name, self.model_hash = store, model_name, model_hash
+    def __init__(
+        self,
+        store: StationStore | None,
+        model_name: str = "",
+        model_hash: str | None = None,
+        monitor: LineMonitor | None = None,
+        line: str | None = None,
+    ):
+        self.store, self.model_name, self.model_hash, self.line = store, model_name, model_hash, line
+        self.monitor = monitor or LineMonitor(store, LineSettings())  # metrics, and drift checks with a store
 
     @classmethod
     def for_serve(cls, cfg: ServeConfig, predictor: Any) -> Recorder:
+        settings = LineSettings.of(cfg)
         if not cfg.station and not cfg.db:
-            return cls(None)
-        return cls(open_store(cfg.station, cfg.db), predictor.name, model_identity(cfg.model, cfg.adapter)[1])
+            return cls(None, predictor.name, monitor=LineMonitor(None, settings), line=cfg.line)
+        store, model_hash = open_store(cfg.station, cfg.db), model_identity(cfg.model, cfg.adapter)[1]
+        if cfg.baseline:
+            keep_report(store, model_hash, predictor.name, read_report(cfg.baseline))
+        return cls(store, predictor.name, model_hash, LineMonitor(store, settings), cfg.line)
 
     def close(self) -> None:
         if self.store is not None:
@@ -53,17 +71,19 @@ class Recorder:
 
     async def inspected(self, request: Request, data: bytes, image: Image.Image, answer: dict) -> None:
         """Record a /v1/inspect answer and add its `record_id` to it."""
+        source = "page" if request.headers.get(SOURCE_HEADER, "").lower() == "page" else "api"
+        self.monitor.answered(self.line or source, self.model_name, answer["verdict"], answer.get("latency_ms"))
         if self.store is None:
             return
-        source = "page" if request.headers.get(SOURCE_HEADER, "").lower() == "page" else "api"
         fields = {k: answer.get(k) for k in ("verdict", "p_ng", "threshold", "description", "latency_ms")}
         answer["record_id"] = await self._record(data, image, _upload_name(request), source, fields)
 
     async def chatted(self, data: bytes, image: Image.Image, text: str, started: float) -> None:
         """Record an OpenAI-route answer about an image: the verdict it starts with, and the text."""
+        fields = {"verdict": parse_verdict(text), "description": text, "latency_ms": _since(started)}
+        self.monitor.answered(self.line or "chat", self.model_name, fields["verdict"], fields["latency_ms"])
         if self.store is None:
             return
-        fields = {"verdict": parse_verdict(text), "description": text, "latency_ms": _since(started)}
         await self._record(data, image, "image_url", "chat", fields)
 
     async def streamed(
@@ -80,11 +100,13 @@ class Recorder:
         await self.chatted(data, image, "".join(said), started)
 
     async def _record(self, data: bytes, image: Image.Image, name: str, source: str, fields: dict) -> int | None:
-        fields |= {"model_name": self.model_name, "model_hash": self.model_hash}
+        fields |= {"model_name": self.model_name, "model_hash": self.model_hash, "line": self.line}
         try:
-            return await run_in_threadpool(self.store.record, data, image, file_name=name, source=source, **fields)
+            record_id = await run_in_threadpool(self.store.record, data, image, file_name=name, source=source, **fields)
         except StationError as err:
             raise HTTPException(507, f"the inspection was not recorded: {err}") from None
+        await run_in_threadpool(self.monitor.maybe_check)
+        return record_id
 
 
 def _upload_name(request: Request) -> str:
@@ -109,8 +131,10 @@ class _ReviewBody(BaseModel):
     description: Annotated[str, Field(max_length=4000)] | None = None
 
 
-def station_router(store: StationStore | None, auth: list, page: Callable[[str], Response]) -> APIRouter:
-    """History, review, CSV and label-queue routes over `store`; without a store they answer 404."""
+def station_router(
+    store: StationStore | None, auth: list, page: Callable[[str], Response], sample: AuditSample = AuditSample()
+) -> APIRouter:
+    """History, review, CSV and label-queue routes over `store` (`sample`: the audit order's); 404 without a store."""
     router = APIRouter()
 
     @router.get("/history", include_in_schema=False)
@@ -128,21 +152,21 @@ def station_router(store: StationStore | None, auth: list, page: Callable[[str],
 
     @router.get("/v1/station/records", dependencies=auth)
     async def records(request: Request) -> dict:
-        flt = _filter(request)
+        flt = _filter(request, sample)
         rows, total = await run_in_threadpool(_checked, list_records, need(), flt)
         models = await run_in_threadpool(models_seen, need())
         return {"records": rows, "total": total, "models": models}
 
     @router.get("/v1/station/records.csv", dependencies=auth)
     async def records_csv(request: Request) -> Response:
-        rows = await run_in_threadpool(_checked, all_records, need(), _filter(request))
+        rows = await run_in_threadpool(_checked, all_records, need(), _filter(request, sample))
         headers = {"Content-Disposition": 'attachment; filename="inspections.csv"'}
         return Response(csv_text(rows), media_type="text/csv; charset=utf-8", headers=headers)
 
     @router.get("/v1/station/queue", dependencies=auth)
-    async def queue(source: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
-        flt = HistoryFilter(review="unreviewed", source=source, limit=limit)
-        rows, total = await run_in_threadpool(_checked, list_records, need(), flt, True)
+    async def queue(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
+        flt = replace(_filter(request, sample, "oldest"), queue=True, limit=limit, offset=0)
+        rows, total = await run_in_threadpool(_checked, list_records, need(), flt)
         return {"ids": [r["id"] for r in rows], "left": total}
 
     @router.get("/v1/station/records/{record_id}", dependencies=auth)
@@ -177,8 +201,8 @@ def _review_body(raw: bytes) -> _ReviewBody:
         raise HTTPException(422, problems) from None
 
 
-def _filter(request: Request) -> HistoryFilter:
-    """A HistoryFilter from query parameters; 422 listing every bad one."""
+def _filter(request: Request, sample: AuditSample, order: str = "newest") -> HistoryFilter:
+    """A HistoryFilter from query parameters (`order` unless one is given); 422 listing every bad one."""
     query, problems = request.query_params, []
 
     def number(name: str, kind: type) -> Any:
@@ -201,9 +225,11 @@ def _filter(request: Request) -> HistoryFilter:
             problems.append(f"{name}: {value!r} is not a date (YYYY-MM-DD)")
             return None
 
-    text = {name: query.get(name) or None for name in ("verdict", "review", "model", "source")}
+    text = {name: query.get(name) or None for name in ("verdict", "review", "model", "source", "line")}
     flt = HistoryFilter(
         **text,
+        order=query.get("order") or order,
+        sample=sample,
         p_min=number("p_min", float),
         p_max=number("p_max", float),
         since=day("since"),
@@ -233,9 +259,13 @@ def _found(store: StationStore, record_id: int) -> dict:
 
 def label_app(store: StationStore, api_key: str | None, host: str = "127.0.0.1", port: int = 8000) -> FastAPI:
     """The labeller: the station routes and the page, without a model."""
+    from vlm_inspect.service.line_routes import line_router
+
     app = FastAPI(title="vlm-inspect label", docs_url=None, redoc_url=None, openapi_url=None)
     guard(app, host, port)
-    app.include_router(station_router(store, [Depends(key_checker(api_key))], page_file))
+    auth, monitor = [Depends(key_checker(api_key))], LineMonitor(store, LineSettings())
+    app.include_router(station_router(store, auth, page_file, monitor.settings.sample))
+    app.include_router(line_router(monitor, auth, page_file))
 
     @app.get("/", include_in_schema=False)
     async def start() -> RedirectResponse:

@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Select, and_, func, select
+from sqlalchemy import Select, and_, exists, func, select
+from sqlalchemy.orm import aliased
 
 from vlm_inspect.errors import StationError
+from vlm_inspect.station.audit import AuditSample
+from vlm_inspect.station.queue import ORDERS, ordered, unreviewed
 from vlm_inspect.station.schema import Inspection, Photo, Review
 from vlm_inspect.station.store import StationStore
 
@@ -24,6 +27,7 @@ REVIEW_STATES = ("unreviewed", "reviewed", "confirmed", "corrected", "labelled")
 CSV_COLUMNS = (
     "id", "time", "file", "source", "verdict", "p_ng", "threshold", "model", "model_hash", "latency_ms",
     "description", "review", "final_verdict", "defect_type", "boxes", "operator", "review_description", "photo_sha256",
+    "line",
 )  # fmt: skip
 MAX_LIMIT = 1000
 
@@ -40,11 +44,15 @@ class HistoryFilter:
     until: date | None = None
     model: str | None = None
     source: str | None = None
+    line: str | None = None
+    order: str = "newest"
+    sample: AuditSample = AuditSample()
+    queue: bool = False
     limit: int = 200
     offset: int = 0
 
     def problems(self) -> list[str]:
-        problems = []
+        problems = [] if self.order in ORDERS else [f"order: {self.order!r} is not one of {', '.join(ORDERS)}"]
         if self.verdict not in (None, "OK", "NG"):
             problems.append(f"verdict: {self.verdict!r} is not OK or NG")
         if self.review not in (None, *REVIEW_STATES):
@@ -60,17 +68,17 @@ class HistoryFilter:
         return problems
 
 
-def _latest_review_ids() -> Any:
-    return select(func.max(Review.id).label("id")).group_by(Review.inspection_id).subquery()
-
-
-def _query(flt: HistoryFilter) -> Select:
-    latest = _latest_review_ids()
+def _query(flt: HistoryFilter, counting: bool = False) -> Select:
+    # The latest review is the one no later review of the same inspection follows (an anti-join: SQLite
+    # re-runs an IN (SELECT max ...) list for every row, which took minutes on a million records).
+    later = aliased(Review)
+    newer = exists(select(later.id).where(later.inspection_id == Review.inspection_id, later.id > Review.id))
     query = (
-        select(Inspection, Review, Photo)
-        .join(Photo, Photo.sha256 == Inspection.photo_sha256)
-        .outerjoin(Review, and_(Review.inspection_id == Inspection.id, Review.id.in_(select(latest.c.id))))
+        select(Inspection.id)
+        if counting
+        else select(Inspection, Review, Photo).join(Photo, Photo.sha256 == Inspection.photo_sha256)
     )
+    query = query.outerjoin(Review, and_(Review.inspection_id == Inspection.id, ~newer))
     conditions = []
     if flt.verdict:
         conditions.append(Inspection.verdict == flt.verdict)
@@ -86,13 +94,15 @@ def _query(flt: HistoryFilter) -> Select:
         conditions.append(Inspection.model_name == flt.model)
     if flt.source:
         conditions.append(Inspection.source == flt.source)
+    if flt.line:
+        conditions.append(Inspection.line == flt.line)
     conditions += _review_condition(flt.review)
     return query.where(*conditions)
 
 
 def _review_condition(state: str | None) -> list[Any]:
     if state == "unreviewed":
-        return [Review.id.is_(None)]
+        return [unreviewed()]
     if state == "reviewed":
         return [Review.id.is_not(None)]
     if state == "confirmed":
@@ -109,11 +119,12 @@ def list_records(store: StationStore, flt: HistoryFilter, oldest_first: bool = F
     problems = flt.problems()
     if problems:
         raise StationError("history filter: " + "; ".join(problems))
-    query = _query(flt)
-    order = Inspection.id.asc() if oldest_first else Inspection.id.desc()
+    order_name = "oldest" if oldest_first else flt.order
+    query, order = ordered(_query(flt), order_name, flt.sample, flt.queue)
+    counted, _ = ordered(_query(flt, counting=True), order_name, flt.sample, flt.queue)  # no photo columns
     with store.reading() as session:
-        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-        rows = session.execute(query.order_by(order).limit(flt.limit).offset(flt.offset)).all()
+        total = session.scalar(select(func.count()).select_from(counted.subquery())) or 0
+        rows = session.execute(query.order_by(*order).limit(flt.limit).offset(flt.offset)).all()
     return [as_dict(*row) for row in rows], total
 
 
@@ -155,6 +166,7 @@ def as_dict(inspection: Inspection, review: Review | None, photo: Photo) -> dict
         "time": _iso(inspection.created_at),
         "file": inspection.file_name,
         "source": inspection.source,
+        "line": inspection.line,
         "verdict": inspection.verdict,
         "p_ng": inspection.p_ng,
         "threshold": inspection.threshold,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 SOURCES = ("page", "api", "chat", "watch", "label")
@@ -55,6 +55,28 @@ class Inspection(Base):
     source_key: Mapped[str | None] = mapped_column(Text, unique=True)
     """Hot folder and labeller ledger: `path|size|mtime_ns` of the file, so no photo is inspected twice."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, index=True)
+    line: Mapped[str | None] = mapped_column(String(80))
+    """The line: a `--line` name, else the hot folder's name (watch) or the source (serve, label)."""
+    margin: Mapped[float | None] = mapped_column(Float, index=True)
+    """|p(NG) − threshold|: how unsure the verdict was (the least-sure review queue reads it)."""
+    audit_u: Mapped[float | None] = mapped_column(Float, index=True)
+    """The inspection's place in [0, 1) for the random audit sample (station/audit.py)."""
+    __table_args__ = (Index("ix_inspections_model_hash_line_id", "model_hash", "line", "id"),)
+
+
+class Baseline(Base):
+    """A model's reference p(NG) distribution for drift (station/drift.py): its first inspections, or an evaluation."""
+
+    __tablename__ = "baselines"
+    model_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(10), primary_key=True)
+    """`station` (the first inspections under the model) or `evaluate` (an evaluate report's photos)."""
+    model_name: Mapped[str | None] = mapped_column(String(255))
+    source: Mapped[str] = mapped_column(Text)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    scores_json: Mapped[str] = mapped_column(Text)
+    labels_json: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
 
 class Review(Base):

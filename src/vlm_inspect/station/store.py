@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from vlm_inspect.data.llava_json import box_problems
 from vlm_inspect.errors import StationError
+from vlm_inspect.station.audit import audit_u
 from vlm_inspect.station.schema import SOURCES, Inspection, Photo, Review
 
 DB_NAME = "station.db"
@@ -109,12 +110,15 @@ class StationStore:
             data: The photo's bytes as received.
             image: The decoded upright image, when the caller has it (saves decoding again).
             fields: `Inspection` columns: file_name, source, verdict, p_ng, threshold, description,
-                model_name, model_hash, latency_ms, source_key.
+                model_name, model_hash, latency_ms, source_key, line (default: the source).
         """
         if fields.get("source") not in SOURCES:
             raise StationError(f"source {fields.get('source')!r} is not one of {', '.join(SOURCES)}")
         photo = self.store_photo(data, image)
         fields["file_name"] = (fields.get("file_name") or "photo")[-255:]
+        fields["line"] = (fields.get("line") or fields["source"])[:80]
+        if fields.get("p_ng") is not None and fields.get("threshold") is not None:
+            fields["margin"] = abs(fields["p_ng"] - fields["threshold"])
         try:
             with self.writing() as session:
                 if session.get(Photo, photo.sha256) is None:
@@ -124,6 +128,7 @@ class StationStore:
                 row = Inspection(photo_sha256=photo.sha256, **fields)
                 session.add(row)
                 session.flush()
+                row.audit_u = audit_u(row.id)  # written with the row, in the same transaction
                 return row.id
         except IntegrityError:
             if fields.get("source_key") and self.find_key(fields["source_key"]) is not None:

@@ -29,7 +29,7 @@ function showNotice(text) { $("notice").textContent = text; $("notice").hidden =
 function filterQuery() {
   const params = new URLSearchParams();
   for (const [name, value] of new FormData($("filters"))) if (value) params.set(name, value);
-  if (state.label) { params.set("review", "unreviewed"); }
+  if (state.label && params.get("order") !== "disagreements") { params.set("review", "unreviewed"); }
   return params;
 }
 
@@ -74,12 +74,12 @@ function renderList(records) {
     cell(row, r.id);
     cell(row, r.time.replace("T", " ").replace("Z", ""));
     cell(row, r.file, "file");
-    cell(row, r.source);
+    cell(row, r.line || r.source); // the line: a --line name, the hot folder's name, or the source
     cell(row, r.model);
     cell(row, r.p_ng === null ? "" : r.p_ng.toFixed(3), "num");
     const shown = { unreviewed: r.verdict || "—", confirmed: `${r.verdict} ✓`, corrected: `${r.verdict} → ${r.final_verdict}` };
     cell(row, shown[r.review] ?? `${r.final_verdict} (label)`, "state");
-    row.title = `${r.review}${r.latest_review ? " by " + r.latest_review.operator : ""}`;
+    row.title = `${r.source}, ${r.review}${r.latest_review ? " by " + r.latest_review.operator : ""}`;
     row.addEventListener("click", () => openRecord(r.id));
     body.appendChild(row);
   }
@@ -122,7 +122,8 @@ function renderDetail() {
   badge.textContent = r.verdict || "to label";
   badge.className = "badge-inline " + (r.verdict || "none").toLowerCase();
   $("d-file").textContent = `#${r.id} ${r.file}`;
-  const parts = [r.time.replace("T", " "), r.source, r.model && `${r.model} (${r.model_hash || "?"})`];
+  const where = r.line && r.line !== r.source ? `${r.source}, line ${r.line}` : r.source;
+  const parts = [r.time.replace("T", " "), where, r.model && `${r.model} (${r.model_hash || "?"})`];
   if (r.p_ng !== null) parts.push(`p(NG) ${r.p_ng.toFixed(3)} at threshold ${r.threshold}`);
   if (r.latency_ms !== null) parts.push(`${Math.round(r.latency_ms)} ms`);
   parts.push(`${r.width}×${r.height} px`);
@@ -250,14 +251,15 @@ async function saveReview(goNext) {
 
 async function openNext(records) {
   if (state.label) {
-    const queue = await (await api("/v1/station/queue?limit=1")).json();
+    const queue = await (await api(`/v1/station/queue?limit=1&order=${$("order").value || "oldest"}`)).json();
     if (queue.ids.length) await openRecord(queue.ids[0]);
     else { $("detail").hidden = true; state.record = null; showNotice("All photos are labelled. Export them with `vlm-inspect export`."); }
     return;
   }
   const ids = records.map((r) => r.id);
-  const later = ids.filter((id) => id < state.record.id);
-  if (later.length) await openRecord(later[0]);
+  const at = ids.indexOf(state.record.id); // the next one in the list's order, or its first
+  const next = at >= 0 ? ids[at + 1] : ids[0];
+  if (next !== undefined) await openRecord(next);
 }
 
 async function exportCsv() {
@@ -285,8 +287,15 @@ document.addEventListener("DOMContentLoaded", async () => {
     document.body.classList.add("labeller");
     $("title").textContent = "Label photos";
     document.title = "vlm-inspect · label";
-    $("filters").hidden = true;
+    for (const part of $("filters").children) part.hidden = !part.classList.contains("order"); // the queue's order stays
   }
+  const given = new URLSearchParams(location.search).get("order");
+  if (given) $("order").value = given;
+  $("order").addEventListener("change", async () => {
+    state.offset = 0;
+    const records = await loadList();
+    if (state.label) await openNext(records);
+  });
   wireCanvas();
   $("filters").addEventListener("submit", (ev) => { ev.preventDefault(); state.offset = 0; loadList(); });
   $("export-csv").addEventListener("click", exportCsv);

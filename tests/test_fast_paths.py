@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import gc
 from pathlib import Path
 from typing import Any
@@ -178,6 +180,7 @@ def test_qlora_trainable_weights_are_kept_in_the_compute_dtype(tiny_model_dir: P
     assert all(p.dtype == torch.float32 for p in model.parameters() if not p.requires_grad)
 
 
+@functools.cache
 def meta_7b() -> torch.nn.Module:
     """LLaVA-1.5-7B's shape on the meta device (no memory) with the recipe's LoRA."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig

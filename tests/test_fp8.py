@@ -126,7 +126,7 @@ def test_the_memory_plan_counts_fp8_weights_at_one_byte_and_recomputes_fewer_lay
 
     monkeypatch.setattr(memory, "gpu_memory_gib", lambda device: 23.6 - 0.5)
     cfg = TrainConfig(model="-", data="-", out="-")
-    model = meta_7b()
+    model = meta_7b.__wrapped__()  # a fresh one: to_fp8 changes it
     before = memory.estimate_memory_gib(model, 8, 640, 32)
     _, bf16_plan = memory.choose_batch_size(cfg, model, SevenBData(), torch.device("cuda"))
     assert to_fp8(model) == 7 * 32

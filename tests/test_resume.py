@@ -27,6 +27,7 @@ def _steps(run: Path) -> list[int]:
     return [r["step"] for r in rows if "loss" in r]
 
 
+@pytest.mark.integration
 def test_a_kill_between_saving_and_marking_a_checkpoint_keeps_the_last_complete_one(
     tmp_path: Path, tiny_model_dir: Path, spot_dataset: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -102,6 +102,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, spo
     return run
 
 
+@pytest.mark.integration
 def test_run_folder_describes_itself(lora_run: Path):
     assert {p.name for p in lora_run.iterdir()} >= {"adapter", "config.yaml", "metrics.jsonl", "checkpoints"}
     assert (lora_run / "adapter" / "adapter_model.safetensors").exists()
@@ -109,18 +110,21 @@ def test_run_folder_describes_itself(lora_run: Path):
     assert len(checkpoints) >= 5  # every ~10% of the run
 
 
+@pytest.mark.integration
 def test_loss_falls(lora_run: Path):
     losses = [r["loss"] for r in read_metrics(lora_run) if "loss" in r]
     assert len(losses) == 60
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
 
 
+@pytest.mark.integration
 def test_metrics_rows_carry_elapsed_seconds(lora_run: Path):
     seconds = [r["seconds"] for r in read_metrics(lora_run) if "loss" in r]
     assert len(seconds) == 60 and seconds[0] > 0
     assert all(later >= earlier for earlier, later in zip(seconds, seconds[1:], strict=False))
 
 
+@pytest.mark.integration
 def test_lora_and_projector_change_base_does_not(lora_run: Path, tiny_model_dir: Path, spot_dataset: Path):
     from peft import PeftModel
     from transformers import LlavaForConditionalGeneration
@@ -149,6 +153,7 @@ def test_lora_and_projector_change_base_does_not(lora_run: Path, tiny_model_dir:
     assert not torch.allclose(base_logits, on_logits, atol=1e-3)
 
 
+@pytest.mark.integration
 def test_finished_run_is_not_overwritten(lora_run: Path, tiny_model_dir: Path, spot_dataset: Path):
     mtime = (lora_run / "adapter" / "adapter_model.safetensors").stat().st_mtime
     with pytest.raises(OutputExistsError, match="finished run"):
@@ -262,6 +267,7 @@ def test_qlora_without_cuda_is_a_clear_error(tiny_model_dir: Path, spot_dataset:
         train(cfg)
 
 
+@pytest.mark.integration
 def test_tensorboard_only_when_asked(tiny_model_dir: Path, spot_dataset: Path, tmp_path: Path):
     pytest.importorskip("tensorboard")
     common = ["--model", str(tiny_model_dir), "--data", str(spot_dataset), "min_steps=2", "lora_r=4", "lora_alpha=8"]
@@ -272,6 +278,7 @@ def test_tensorboard_only_when_asked(tiny_model_dir: Path, spot_dataset: Path, t
     assert (tmp_path / "plain" / "metrics.jsonl").exists()
 
 
+@pytest.mark.integration
 def test_console_shows_the_progress_bar_not_raw_log_dicts(
     tmp_path: Path, tiny_model_dir: Path, spot_dataset: Path, capfd: pytest.CaptureFixture
 ):

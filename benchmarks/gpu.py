@@ -273,9 +273,7 @@ class Bench:
         return model
 
     def dataset(self) -> Any:
-        return load_training_dataset(
-            self.data, self.processor, max_length=4096, square_pad=self.family.square_pad, augment=True, seed=0
-        )
+        return load_training_dataset(self.data, self.processor, self.family, max_length=4096, augment=True, seed=0)
 
     # ------------------------------------------------------------ flops
 

@@ -134,13 +134,14 @@ def adapter_losses(model_dir: Path, data: Path, rows: list[dict[str, Any]], devi
     from peft import PeftModel
 
     from vlm_inspect.data.dataset import Collator, load_training_dataset
+    from vlm_inspect.models.families import family_of_model
     from vlm_inspect.models.load import load_model, load_processor
 
     processor = load_processor(model_dir)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = load_model(model_dir, dtype=dtype, device=device)
     base.config.use_cache = False
-    dataset = load_training_dataset(data, processor, base.config.image_seq_length, max_length=2048)
+    dataset = load_training_dataset(data, processor, family_of_model(base), max_length=2048)
     batch = Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(PER_GPU_BATCH)])
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["pixel_values"] = batch["pixel_values"].to(dtype)

@@ -35,6 +35,7 @@ from vlm_inspect.cli import app
 from vlm_inspect.config import ModelSettings, PrepareConfig, ServeConfig
 from vlm_inspect.data import images as images_module
 from vlm_inspect.errors import DataError, ModelFolderError
+from vlm_inspect.models.families import family_named
 from vlm_inspect.prepare import prepare
 
 runner = CliRunner()
@@ -683,7 +684,7 @@ def test_train_and_evaluate_refuse_llava_images_outside_the_folder(
     json_path = src / "data.json"
     json_path.write_text(_llava(["p0.png", image]))
     for read in (
-        lambda: load_training_dataset(json_path, processor=None),
+        lambda: load_training_dataset(json_path, None, family_named("llava")),
         lambda: items_from_llava_json(json_path, src),
     ):
         with pytest.raises(DataError, match=r"(?s)data.json.*sample 1") as info:

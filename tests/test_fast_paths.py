@@ -35,7 +35,7 @@ from vlm_inspect.training.model import apply_lora
 def batch(tiny_model_dir: Path, spot_dataset: Path) -> dict[str, torch.Tensor]:
     """Four samples of different lengths (one and two answers), right-padded by the training collator."""
     processor = load_processor(tiny_model_dir)
-    dataset = load_training_dataset(spot_dataset, processor, max_length=512)
+    dataset = load_training_dataset(spot_dataset, processor, family_named("llava"), max_length=512)
     return Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
 
 

@@ -20,6 +20,7 @@ from vlm_inspect.config import TrainConfig
 from vlm_inspect.data.dataset import IGNORE_INDEX, Collator, ConversationDataset, load_training_dataset
 from vlm_inspect.errors import ConfigError, DataError, OutputExistsError
 from vlm_inspect.folders import RunFolder
+from vlm_inspect.models.families import family_named
 from vlm_inspect.models.load import load_processor
 from vlm_inspect.train import train, validate
 from vlm_inspect.training.plan import lr_factor, make_plan
@@ -70,7 +71,7 @@ def test_loss_covers_only_answers_and_end_of_turn(tiny_model_dir: Path, spot_dat
         "image": "images/001.png",
         "conversations": [{"from": f, "value": v} for q, a in turns for f, v in (("human", q), ("gpt", a))],
     }
-    item = ConversationDataset([sample], spot_dataset, processor, max_length=512)[0]
+    item = ConversationDataset([sample], spot_dataset, processor, max_length=512, family=family_named("llava"))[0]
     ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
     assert len(ids) == len(labels) == len(item["attention_mask"])
     assert ids.count(image_id) == 64 and all(
@@ -89,7 +90,7 @@ def test_loss_covers_only_answers_and_end_of_turn(tiny_model_dir: Path, spot_dat
 def test_too_long_sample_is_an_error_naming_it(tiny_model_dir: Path, spot_dataset: Path):
     processor = load_processor(tiny_model_dir)
     with pytest.raises(DataError, match=r"s0 \(\d+ tokens\)"):
-        load_training_dataset(spot_dataset, processor, max_length=70)
+        load_training_dataset(spot_dataset, processor, family_named("llava"), max_length=70)
 
 
 # ------------------------------------------------------------------ runs
@@ -142,7 +143,7 @@ def test_lora_and_projector_change_base_does_not(lora_run: Path, tiny_model_dir:
         LlavaForConditionalGeneration.from_pretrained(tiny_model_dir), lora_run / "adapter"
     )
     processor = load_processor(tiny_model_dir)
-    dataset = load_training_dataset(spot_dataset, processor, max_length=512)
+    dataset = load_training_dataset(spot_dataset, processor, family_named("llava"), max_length=512)
     batch = {k: v for k, v in Collator(processor.tokenizer.pad_token_id)([dataset[1]]).items() if k != "labels"}
     with torch.no_grad():
         base_logits = base(**batch).logits

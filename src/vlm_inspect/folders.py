@@ -17,6 +17,7 @@ from typing import Any
 
 from vlm_inspect.config import RESOLVED_CONFIG_NAME, TrainConfig, load_saved_config
 from vlm_inspect.data.llava_json import read_contained_llava_json
+from vlm_inspect.data.prompts import load_prompts
 from vlm_inspect.errors import ConfigError, DataError, ModelFolderError
 from vlm_inspect.models.families import all_families, family_of
 from vlm_inspect.models.family import Family
@@ -36,6 +37,7 @@ class DatasetFacts:
     product: str | None = None
     verdict_questions: tuple[str, ...] = ()
     heldout_questions: tuple[str, ...] = ()
+    locate_questions: tuple[str, ...] = ()
 
     def or_else(self, other: DatasetFacts) -> DatasetFacts:
         """These facts, each one left unknown here taken from `other`."""
@@ -49,7 +51,21 @@ class DatasetFacts:
             product=manifest.get("product"),
             verdict_questions=tuple(prompts.get("verdict_questions") or ()),
             heldout_questions=tuple(prompts.get("heldout_questions") or ()),
+            locate_questions=tuple(prompts.get("locate_questions") or ()),
         )
+
+    def default_question(self) -> str:
+        """What a tuned model was taught to answer first: the dataset's first verdict wording, else the shipped one."""
+        if self.verdict_questions:
+            return self.verdict_questions[0]
+        return load_prompts(self.language or "en").default_question(self.product)
+
+    def locate_wordings(self) -> tuple[str, ...]:
+        """The wordings that ask for boxes alone (the first is what predict and serve ask), the product filled in."""
+        if self.locate_questions:
+            return self.locate_questions
+        prompts = load_prompts(self.language or "en")
+        return tuple(q.format(product=self.product or prompts.default_product) for q in prompts.locate_questions)
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
@@ -64,7 +80,7 @@ class DatasetFacts:
         if not isinstance(data, dict):
             raise ModelFolderError(f"{path}: expected an object of dataset facts")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        for key in ("verdict_questions", "heldout_questions"):
+        for key in ("verdict_questions", "heldout_questions", "locate_questions"):
             known[key] = tuple(known.get(key) or ())
         return cls(**known)
 

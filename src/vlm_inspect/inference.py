@@ -53,15 +53,6 @@ def trained_with(settings: ModelSettings, model: ModelFolder) -> tuple[TrainConf
     return trained, facts or DatasetFacts()
 
 
-def default_question(facts: DatasetFacts) -> str:
-    """The first training question: what a tuned model was taught to answer (the shipped wording without one)."""
-    from vlm_inspect.data.prompts import load_prompts
-
-    if facts.verdict_questions:
-        return facts.verdict_questions[0]
-    return load_prompts(facts.language or "en").default_question(facts.product)
-
-
 class Predictor:
     """A model loaded once (base, base + adapter, or merged) that scores and describes photos."""
 
@@ -81,7 +72,7 @@ class Predictor:
         """The model settings in force (image_max_tokens resolved to the budget the processor applies)."""
         self.tokenizer = processor.tokenizer
         self.family = family_of_model(model)
-        self.default_question = question or default_question(DatasetFacts())
+        self.default_question = question or DatasetFacts().default_question()
         self.verdict_ids = verdict_token_ids(self.tokenizer, render_prompt(processor, self.default_question))
         self.lock = threading.Lock()  # one user of the weights at a time (serve runs threads)
         self._decoders: OrderedDict[tuple, GreedyDecoder] = OrderedDict()
@@ -112,7 +103,9 @@ class Predictor:
         if settings.precision == "fp8":
             to_fp8(net)
         aspect = trained.image_aspect if trained else "pad"
-        return cls(net.eval(), processor, name, settings.adapter is not None, aspect, default_question(facts), in_force)
+        return cls(
+            net.eval(), processor, name, settings.adapter is not None, aspect, facts.default_question(), in_force
+        )
 
     def prompt(self, question: str, history: list[tuple[str, str]] | None = None) -> str:
         """`question` (after earlier turns) in this model's chat format, ready for `generate` or `stream`."""

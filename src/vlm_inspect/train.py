@@ -215,10 +215,11 @@ def _train_in_process(
         data.image_root,
         processor,
         max_length=cfg.max_length,
-        square_pad=family.square_pad,
+        family=family,
         image_aspect=cfg.image_aspect,
         augment=cfg.augment,
         seed=cfg.seed,
+        locate_questions=data.facts().locate_wordings(),
     )
     family.check_side_inputs(model, dataset[0], model_folder.path)
     batch_size, checkpointing = choose_batch_size(cfg, model, dataset, device)

@@ -2,7 +2,8 @@
 
 The loss covers only the assistant answers and the token that ends each turn; the question, the
 image placeholder tokens and padding are labelled -100. A sample longer than max_length is
-an error naming it: cutting it would silently drop image tokens or answers.
+an error naming it: cutting it would silently drop image tokens or answers. Boxed defects are written into
+the answers here, in the model family's frame, because only here are the family and the augmented photo known.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from typing import Any
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from vlm_inspect.data.images import load_image, square_image
+from vlm_inspect.data.images import exif_size, load_image, model_input_size, square_image
+from vlm_inspect.data.prompts import UNKNOWN_DEFECT, defect_name, parse_verdict
 from vlm_inspect.errors import DataError
 from vlm_inspect.folders import DatasetFolder
+from vlm_inspect.models.boxes import write_boxes
 from vlm_inspect.models.chat import Conversation, conversation
+from vlm_inspect.models.family import Family
 
 IGNORE_INDEX = -100
 
@@ -30,11 +34,14 @@ def conversation_turns(sample: dict) -> list[tuple[str, str]]:
     return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]
 
 
-def augment_image(image: Image.Image, boxes: list[list[float]], rng: random.Random) -> Image.Image:
-    """Few-shot augmentation that keeps every annotated defect in view and its location word true.
+def augment_image(
+    image: Image.Image, boxes: list[list[float]], rng: random.Random
+) -> tuple[Image.Image, list[list[float]]]:
+    """Few-shot augmentation that keeps every annotated defect in view; the boxes move with the pixels.
 
-    Photos with located defects are not flipped (a flip would turn 'top left' into 'top right')
-    and rotate at most 5 degrees; crops never cut into a defect box.
+    Photos with located defects are not flipped (a flip would turn 'top left' into 'top right' in the answer's
+    words) and rotate at most 5 degrees (a box becomes the box around its turned corners); crops never cut into
+    a defect box.
     """
     has_location = bool(boxes)
     if not has_location and rng.random() < 0.5:
@@ -43,6 +50,7 @@ def augment_image(image: Image.Image, boxes: list[list[float]], rng: random.Rand
         image = ImageOps.flip(image)
     angle = rng.uniform(-5, 5) if has_location else rng.uniform(-10, 10)
     image = image.rotate(angle, resample=Image.BILINEAR, fillcolor=_border_colour(image))
+    boxes = [_turned(box, angle, image.size) for box in boxes]
     image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.85, 1.15))
     image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.85, 1.15))
     return _mild_crop(image, boxes, rng)
@@ -52,23 +60,51 @@ def _border_colour(image: Image.Image) -> tuple[int, ...]:
     return image.getpixel((0, 0))  # type: ignore[return-value]
 
 
-def _mild_crop(image: Image.Image, boxes: list[list[float]], rng: random.Random) -> Image.Image:
+def _turned(box: list[float], degrees: float, size: tuple[int, int]) -> list[float]:
+    """The box around `box`'s corners after `Image.rotate(degrees)` (counter-clockwise about the centre), kept on the image."""
+    (cx, cy), t = (size[0] / 2, size[1] / 2), math.radians(degrees)
+    x0, y0, x1, y1 = box
+    corners = [(x, y) for x in (x0, x1) for y in (y0, y1)]
+    xs = [cx + (x - cx) * math.cos(t) + (y - cy) * math.sin(t) for x, y in corners]
+    ys = [cy - (x - cx) * math.sin(t) + (y - cy) * math.cos(t) for x, y in corners]
+    return [max(0.0, min(xs)), max(0.0, min(ys)), min(float(size[0]), max(xs)), min(float(size[1]), max(ys))]
+
+
+def _mild_crop(
+    image: Image.Image, boxes: list[list[float]], rng: random.Random
+) -> tuple[Image.Image, list[list[float]]]:
     w, h = image.size
     left, top = rng.uniform(0, 0.08) * w, rng.uniform(0, 0.08) * h
     right, bottom = w - rng.uniform(0, 0.08) * w, h - rng.uniform(0, 0.08) * h
     for x0, y0, x1, y1 in boxes:  # keep defects (with a small margin) inside the crop
         left, top = min(left, max(0, x0 - 2)), min(top, max(0, y0 - 2))
         right, bottom = max(right, min(w, x1 + 2)), max(bottom, min(h, y1 + 2))
-    return image.crop((int(left), int(top), math.ceil(right), math.ceil(bottom)))
+    crop = (int(left), int(top), math.ceil(right), math.ceil(bottom))
+    moved = [[x0 - crop[0], y0 - crop[1], x1 - crop[0], y1 - crop[1]] for x0, y0, x1, y1 in boxes]
+    return image.crop(crop), moved
+
+
+def boxed_defects(sample: dict) -> list[tuple[str, list[float]]]:
+    """(defect type in words, photo-pixel box) of each boxed defect of a sample (sidecars, masks, station exports)."""
+    return [
+        (defect_name(d.get("type") or UNKNOWN_DEFECT), list(d["box"]))
+        for d in sample.get("defects") or []
+        if d.get("box")
+    ]
 
 
 class ConversationDataset(torch.utils.data.Dataset):
     """LLaVA JSON samples rendered for training by the processor; augmentation seeded by (seed, epoch, index).
 
-    The conversation text is rendered and tokenized once (`models.chat.conversation`); each item runs the
-    processor on its (augmented) photo and that text, so dynamic-resolution families get the image tokens
-    the photo really costs, and every side input the model needs (M-RoPE token types, Gemma's image mask)
-    comes with it. Labels are the answers' spans, shifted past the expanded image placeholder.
+    Each item runs the processor on its (augmented) photo and conversation, so dynamic-resolution families get the
+    image tokens the photo really costs, and every side input the model needs (M-RoPE token types, Gemma's image
+    mask) comes with it. Labels are the answers' spans (`models.chat.conversation`), shifted past the expanded
+    image placeholder.
+
+    A sample whose defects are boxed answers with its boxes too, in the family's own format and frame
+    (models/boxes.py), computed for the photo as augmented and as the processor will see it: after the verdict
+    and description of the first answer, and alone in an added turn that asks only for them (`locate_questions`,
+    which OK photos answer with no box).
     """
 
     def __init__(
@@ -77,17 +113,20 @@ class ConversationDataset(torch.utils.data.Dataset):
         image_root: Path,
         processor: Any,
         max_length: int,
-        square_pad: bool = True,
+        family: Family,
         image_aspect: str = "pad",
         augment: bool = False,
         seed: int = 0,
+        locate_questions: tuple[str, ...] = (),
     ):
-        self.samples, self.image_root, self.processor = samples, image_root, processor
-        self.image_aspect = image_aspect if square_pad else "native"
+        self.samples, self.image_root, self.processor, self.family = samples, image_root, processor, family
+        self.image_aspect = image_aspect if family.square_pad else "native"
         self.augment, self.seed = augment, seed
+        # Asked only when some photo is boxed: otherwise every answer to it would be "no box".
+        self.locate_questions = locate_questions if any(boxed_defects(s) for s in samples) else ()
         self.epoch = 0  # set by the trainer callback so augmentation is reproducible on resume
-        self.conversations = [conversation(processor, conversation_turns(s)) for s in samples]
-        self.lengths = [self._estimated_length(s, c) for s, c in zip(samples, self.conversations, strict=True)]
+        self.turns = [conversation_turns(s) for s in samples]
+        self.lengths = [self._estimated_length(i) for i in range(len(samples))]
         too_long = [
             f"{s.get('id', i)} ({n} tokens)"
             for i, (s, n) in enumerate(zip(samples, self.lengths, strict=True))
@@ -99,14 +138,29 @@ class ConversationDataset(torch.utils.data.Dataset):
                 "shorten them, lower image_max_tokens or raise max_length"
             )
 
-    def _estimated_length(self, sample: dict, conv: Conversation) -> int:
+    def _estimated_length(self, index: int) -> int:
         """Tokens of a sample with its image expanded, from the photo's header (before augmentation)."""
+        sample = self.samples[index]
         with Image.open(self.image_root / sample["image"]) as image:
-            width, height = image.size
+            width, height = exif_size(image)
+        conv = self.conversation(index, boxed_defects(sample), (width, height))
         if self.image_aspect == "pad":
-            width = height = max(width, height)
+            width, height = (max(model_input_size(width, height)),) * 2
         counted = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
         return len(conv.ids) - 1 + counted["num_image_tokens"][0]
+
+    def conversation(self, index: int, boxes: list[tuple[str, list[float]]], photo: tuple[int, int]) -> Conversation:
+        """The sample's turns, with its boxes (photo pixels of a `photo`-sized image) written in where they belong."""
+        turns = list(self.turns[index])
+        sample = self.samples[index]
+        label = sample.get("label") or parse_verdict(turns[0][1])
+        view = self.family.view(self.processor, photo, model_input_size(*photo), self.image_aspect)
+        written = write_boxes(self.family.box_text, view, boxes)
+        if boxes:
+            turns[0] = (turns[0][0], f"{turns[0][1].strip()} {written}")
+        if self.locate_questions and (boxes or label == "OK"):  # an NG photo without boxes says nothing of where
+            turns.append((self.locate_questions[index % len(self.locate_questions)], written))
+        return conversation(self.processor, turns)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -114,12 +168,13 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
         image = load_image(self.image_root / sample["image"])
+        boxes = boxed_defects(sample)
         if self.augment:
             rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
-            boxes = [d["box"] for d in sample.get("defects") or [] if d.get("box")]
-            image = augment_image(image, boxes, rng)
+            image, moved = augment_image(image, [box for _, box in boxes], rng)
+            boxes = [(label, box) for (label, _), box in zip(boxes, moved, strict=True)]
+        conv = self.conversation(index, boxes, image.size)
         image = square_image(image, self.processor.image_processor.image_mean, self.image_aspect)
-        conv = self.conversations[index]
         inputs = self.processor(images=[[image]], text=[conv.text], return_tensors="pt")
         ids = inputs["input_ids"][0]
         shift = len(ids) - len(conv.ids)  # the image placeholder's expansion; every answer comes after it
@@ -133,10 +188,14 @@ class ConversationDataset(torch.utils.data.Dataset):
         return {**item, "labels": labels}
 
 
-def load_training_dataset(data: str | Path, processor: Any, **kwargs: Any) -> ConversationDataset:
-    """The samples of a dataset folder or LLaVA JSON file (`folders.DatasetFolder`), wrapped for training."""
+def load_training_dataset(data: str | Path, processor: Any, family: Family, **kwargs: Any) -> ConversationDataset:
+    """The samples of a dataset folder or LLaVA JSON file (`folders.DatasetFolder`), wrapped for training with the
+    dataset's locate wordings."""
     dataset = DatasetFolder.open(data)
-    return ConversationDataset(dataset.samples(), dataset.image_root, processor, **kwargs)
+    locate = dataset.facts().locate_wordings()
+    return ConversationDataset(
+        dataset.samples(), dataset.image_root, processor, family=family, locate_questions=locate, **kwargs
+    )
 
 
 @dataclass

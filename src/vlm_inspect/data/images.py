@@ -198,6 +198,12 @@ def fit_model_input(image: Image.Image, max_side: int = MODEL_INPUT_MAX_SIDE) ->
     return image.resize(size, Image.BICUBIC, reducing_gap=3.0)
 
 
+def exif_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened (not yet decoded) photo as it is viewed: EXIF rotations of 90° swap them."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
+
+
 def model_input_size(width: int, height: int, max_side: int = MODEL_INPUT_MAX_SIDE) -> tuple[int, int]:
     """The size `fit_model_input` gives a `width` × `height` photo."""
     if max(width, height) <= max_side:

@@ -35,7 +35,7 @@ _SENTENCE_JOINER = {"en": " ", "zh": ""}
 _SENTENCE_END = {"en": ".", "zh": "。"}
 _ANSWER_KEYS = ("ok", "ng", "defect", "defect_at", "several")
 _PLACEHOLDERS = {"product", "a_defect", "location", "n"}
-_MIN_COUNTS = {"verdict_questions": 10, "heldout_questions": 5, "describe_questions": 1}
+_MIN_COUNTS = {"verdict_questions": 10, "heldout_questions": 5, "describe_questions": 1, "locate_questions": 1}
 _VERDICT_AT_START = re.compile(r"^\W*(OK|NG)\b", re.IGNORECASE)
 
 
@@ -50,6 +50,7 @@ class Prompts:
     verdict_questions: tuple[str, ...]
     heldout_questions: tuple[str, ...]
     describe_questions: tuple[str, ...]
+    locate_questions: tuple[str, ...]
     answers: dict[str, str]
     locations: dict[str, str]
 
@@ -110,6 +111,7 @@ class Prompts:
             "verdict_questions": [q.format(product=product) for q in self.verdict_questions],
             "heldout_questions": [q.format(product=product) for q in self.heldout_questions],
             "describe_questions": [q.format(product=product) for q in self.describe_questions],
+            "locate_questions": [q.format(product=product) for q in self.locate_questions],
             "answers": dict(self.answers),
             "locations": dict(self.locations),
         }
@@ -170,6 +172,7 @@ def load_prompts(language: str = "en", path: str | Path | None = None) -> Prompt
         verdict_questions=tuple(section["verdict_questions"]),
         heldout_questions=tuple(section["heldout_questions"]),
         describe_questions=tuple(section["describe_questions"]),
+        locate_questions=tuple(section["locate_questions"]),
         answers={k: section["answers"][k] for k in _ANSWER_KEYS},
         locations=dict(section["locations"]),
     )

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from vlm_inspect.data.images import model_input_size
+from vlm_inspect.data.images import exif_size, model_input_size
 
 
 def patch_px(model: Any) -> int:
@@ -80,8 +80,7 @@ def warning(view: dict, name: str) -> str | None:
 def _size(path: Any) -> tuple[int, int]:
     """The photo's size as viewed (EXIF rotation applied), from its header."""
     with Image.open(path) as image:
-        width, height = image.size
-        return (height, width) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
+        return exif_size(image)
 
 
 def _typical(sizes: list[tuple[int, int]]) -> tuple[int, int]:

@@ -10,11 +10,12 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from vlm_inspect.errors import ModelFolderError
+from vlm_inspect.models.boxes import JSON_BOXES, JsonBoxes, RefBoxes, View, make_view
 
 # Every family's language model is `model.language_model` with Llama-style projections: one LoRA pattern fits all.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -46,6 +47,12 @@ class Family:
     seen_size: Callable[[Any, int, int], tuple[float, float]] = None  # type: ignore[assignment]
     """(width, height) a photo of this size takes up in the pixels the vision encoder reads; unset: the
     processor's square view of the photo padded to a square (LLaVA-1.5, Gemma 3)."""
+    box_text: JsonBoxes | RefBoxes = JSON_BOXES
+    """How its answers write defect boxes (models/boxes.py): Qwen's JSON (also LLaVA-1.5 and Gemma 3), or
+    InternVL's `<ref>…</ref><box>[[…]]</box>`."""
+    box_frame: Literal["resized", "thousandths"] = "thousandths"
+    """The coordinates of those boxes: pixels of the image after the processor's resize (Qwen2.5-VL), or 0–1000
+    of the image the model is given (Qwen3-VL, InternVL; LLaVA-1.5 and Gemma 3 by this project's convention)."""
     fast_paths: bool = False
     """Whether the measured GPU fast paths for scoring and describing (compiled layers, CUDA-graph greedy
     decoder) are on for it."""
@@ -97,6 +104,17 @@ class Family:
     def seen(self, processor: Any, width: int, height: int) -> tuple[float, float]:
         """What a `width` × `height` model input becomes in the encoder's pixels."""
         return (self.seen_size or square_view)(processor, width, height)
+
+    def view(self, processor: Any, photo: tuple[int, int], model_input: tuple[int, int], aspect: str = "pad") -> View:
+        """How a photo reaches this family's encoder, and the frame its answers' boxes use (models/boxes.py).
+
+        `model_input` is the photo's size after the memory shrink (`data.images.model_input_size`); `aspect` is
+        the run's image_aspect, read by the square families only."""
+        square = aspect if self.square_pad else None
+        side = max(model_input) if aspect == "pad" else min(model_input)
+        canvas = (side, side) if square else model_input
+        resized = self.seen(processor, *canvas) if self.box_frame == "resized" else None
+        return make_view(photo, model_input, square, resized)
 
     def set_resolution(self, processor: Any, image_max_tokens: int | None) -> int | None:
         """Apply image_max_tokens to the processor (dynamic families); the value in force, or None if fixed."""

@@ -12,7 +12,8 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-# Text the tokenizer is trained on: the words inspection prompts use, in English and Chinese.
+# Text the tokenizer is trained on: the words inspection prompts use, in English and Chinese, and how answers write
+# defect boxes (Qwen's JSON, InternVL's <ref><box>).
 # Byte-level BPE still encodes any other text, one byte at a time.
 _CORPUS = """
 USER: ASSISTANT: Is this product OK or NG? Is the box OK or defective? Inspect the photo.
@@ -25,6 +26,10 @@ A photo of a white box with a printed logo on a dark background, lit from the le
 这个产品是OK还是NG？请检查图片中的盒子是否有缺陷。OK。盒子没有可见的缺陷。
 NG。盒子左上角附近有一个黑点。请描述缺陷。右下角有划痕。中间有污渍。顶部缺了一块。
 左上 上方 右上 左侧 中间 右侧 左下 下方 右下 角 边缘 黑点 划痕 污渍 凹陷 缺失 标签 白色 盒子
+Locate each defect with a bounding box. [{"bbox_2d": [120, 305, 480, 610], "label": "black spot"}] []
+[{"bbox_2d": [15, 250, 640, 995], "label": "scratch"}, {"bbox_2d": [705, 0, 1000, 360], "label": "stain"}]
+<ref>missing corner</ref><box>[[100, 200, 300, 400]]</box> <ref>dent</ref><box>[[0, 750, 250, 1000]]</box>
+请用边框标出每个缺陷。
 """
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]

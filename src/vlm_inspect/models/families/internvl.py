@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from vlm_inspect.models.boxes import REF_BOXES
 from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer
 from vlm_inspect.models.families.common import save, tiny_text_config, without_video
 from vlm_inspect.models.family import Family
@@ -82,5 +83,6 @@ FAMILY = Family(
     default_image_max_tokens=1280,
     apply_token_budget=set_tile_budget,
     seen_size=tiled,
+    box_text=REF_BOXES,
     build_tiny=build_tiny,
 )

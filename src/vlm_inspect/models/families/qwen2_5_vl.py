@@ -94,6 +94,7 @@ FAMILY = Family(
     default_image_max_tokens=1280,
     apply_token_budget=set_token_budget,
     seen_size=resized,
+    box_frame="resized",  # Qwen2.5-VL grounds in absolute pixels of its resized input
     compile_training=True,  # measured: benchmarks/README.md, Qwen2.5-VL section (1.77× LoRA samples/s)
     build_tiny=build_tiny,
 )

@@ -56,8 +56,13 @@ def build_tiny(out: str | Path, seed: int = 0) -> Path:
     return save(out, model, processor, tok)
 
 
-# Qwen2.5-VL's record (same module paths, side input, token budget and resize) with its own name and tiny model;
+# Qwen2.5-VL's record (same module paths, side input, token budget and resize) with its own name, box frame and tiny model;
 # compiled training was measured on Qwen2.5-VL only, so it stays off here until measured.
 FAMILY = dataclasses.replace(
-    QWEN2_5_VL, name="qwen3_vl", model_types=("qwen3_vl",), compile_training=False, build_tiny=build_tiny
+    QWEN2_5_VL,
+    name="qwen3_vl",
+    model_types=("qwen3_vl",),
+    box_frame="thousandths",  # Qwen3-VL grounds in 0–1000 of the image, where Qwen2.5-VL used resized pixels
+    compile_training=False,
+    build_tiny=build_tiny,
 )

@@ -38,6 +38,7 @@ from vlm_inspect.models.fast_paths import (
     adapter_active,
     compile_slots,
     compiled_modules,
+    pack_vision,
 )
 from vlm_inspect.outputs import file_replace_problems
 
@@ -90,6 +91,7 @@ class Predictor:
         self.has_adapter, self.image_aspect = has_adapter, image_aspect
         self.tokenizer = processor.tokenizer
         self.family = family_of_model(model)
+        pack_vision(model)  # on CUDA, the Qwen towers' attention as one call per layer (models/qwen_vision.py)
         self.default_question = question or default_question()
         self.verdict_ids = verdict_token_ids(self.tokenizer, render_prompt(processor, self.default_question))
         self.lock = threading.Lock()  # one user of the weights at a time (serve runs threads)

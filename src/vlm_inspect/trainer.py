@@ -23,7 +23,7 @@ from vlm_inspect.config import TrainConfig
 from vlm_inspect.data.dataset import IGNORE_INDEX
 from vlm_inspect.errors import ConfigError, VlmInspectError
 from vlm_inspect.models.family import LORA_TARGETS, Family, family_of_model
-from vlm_inspect.models.fast_paths import compile_slots
+from vlm_inspect.models.fast_paths import compile_slots, pack_vision
 from vlm_inspect.models.fp8 import to_fp8
 from vlm_inspect.models.load import folder_family, load_model
 from vlm_inspect.plan import ADAPTER_DIR, CHECKPOINTS, COMPLETE_MARKER, FULL_MODEL_DIR, Plan, lr_factor
@@ -531,6 +531,7 @@ def build_trainer(
         total = len(language_layers(model))
         checkpointing = Checkpointing(total if checkpointing else 0, total)
     apply_checkpointing(model, checkpointing)
+    pack_vision(model)  # on CUDA, the Qwen towers' attention as one call per layer (models/qwen_vision.py)
     if use_compile(cfg, next(model.parameters()).device, family_of_model(model)):
         compile_layers(model)
     if cfg.report_to == "tensorboard":

@@ -52,6 +52,12 @@ class Family:
     decoder) are on for it."""
     compile_training: bool = False
     """Whether `train` compiles the decoder layers on a GPU by default (on where it was measured to help)."""
+    vision_plan: Callable[[Any, torch.Tensor], dict] | None = None
+    """Builds the vision tower's per-photo-size plan for one packed attention call per layer on CUDA
+    (`models/qwen_vision.py`); None: the tower's attention runs stock."""
+    prompt_positions: Callable[[Any, dict], torch.Tensor] | None = None
+    """The prompt's position ids as `generate` computes them, for the greedy decoder (M-RoPE families: the
+    inner model's (3, batch, length) `get_rope_index`); None: one position per unpadded token."""
     build_tiny: Callable[..., Path] = field(default=None, repr=False)  # type: ignore[assignment]
     """Builds and saves a tiny random model, tokenizer and processor of this family (tests, trials)."""
 

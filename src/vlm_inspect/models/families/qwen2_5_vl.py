@@ -9,6 +9,7 @@ import torch
 
 from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer, tiny_text_config
 from vlm_inspect.models.family import Family
+from vlm_inspect.models.qwen_vision import window_plan
 
 IMAGE_PARTS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
 MIN_TOKENS = 4
@@ -86,6 +87,15 @@ def build_tiny(out: str | Path, seed: int = 0, vision_patch: int = 14) -> Path:
     return save(out, model, processor, tok)
 
 
+def mrope_positions(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(3, batch, length) M-RoPE positions of a prompt batch, as `generate` computes them: text tokens one
+    apart on all three axes, image tokens on their (t, h, w) grid; left padding at 0 (Qwen2.5-VL, Qwen3-VL)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+    positions, _ = base.model.get_rope_index(inputs["input_ids"], **rest)
+    return positions
+
+
 def save(out: str | Path, model: Any, processor: Any, tokenizer: Any) -> Path:
     """Save a tiny model with generation defaults that end answers at the turn's end."""
     out = Path(out)
@@ -106,6 +116,9 @@ FAMILY = Family(
     default_image_max_tokens=1280,
     apply_token_budget=set_token_budget,
     seen_size=resized,
+    fast_paths=True,  # measured: benchmarks/README.md, Qwen section (issue 27)
     compile_training=True,  # measured: benchmarks/README.md, Qwen2.5-VL section (1.77× LoRA samples/s)
+    vision_plan=window_plan,  # one packed attention call per layer: models/qwen_vision.py
+    prompt_positions=mrope_positions,
     build_tiny=build_tiny,
 )

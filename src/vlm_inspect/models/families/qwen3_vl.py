@@ -10,6 +10,7 @@ import torch
 from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer, tiny_text_config
 from vlm_inspect.models.families.qwen2_5_vl import FAMILY as QWEN2_5_VL
 from vlm_inspect.models.families.qwen2_5_vl import IMAGE_PARTS, save, set_token_budget
+from vlm_inspect.models.qwen_vision import interpolation_plan
 
 
 def build_tiny(out: str | Path, seed: int = 0) -> Path:
@@ -57,8 +58,14 @@ def build_tiny(out: str | Path, seed: int = 0) -> Path:
     return save(out, model, processor, tok)
 
 
-# Qwen2.5-VL's record (same module paths, side input, token budget and resize) with its own name and tiny model;
-# compiled training was measured on Qwen2.5-VL only, so it stays off here until measured.
+# Qwen2.5-VL's record (same module paths, side input, token budget, resize, M-RoPE prompt positions and fast
+# paths) with its own name, tiny model and tower plan (no windows: one packed call per layer instead of one
+# per image). Compiled training was measured on Qwen2.5-VL only, so it stays off here until measured.
 FAMILY = dataclasses.replace(
-    QWEN2_5_VL, name="qwen3_vl", model_types=("qwen3_vl",), compile_training=False, build_tiny=build_tiny
+    QWEN2_5_VL,
+    name="qwen3_vl",
+    model_types=("qwen3_vl",),
+    compile_training=False,
+    vision_plan=interpolation_plan,
+    build_tiny=build_tiny,
 )

@@ -39,15 +39,20 @@ _HOOK = "_vlm_inspect_plan_hook"
 _PACKED_CLASSES: dict[type, type] = {}
 
 
-def varlen_available(device: torch.device) -> bool:
-    """Whether one packed attention call can run here: PyTorch's varlen attention on a CUDA device."""
-    return device.type == "cuda" and _varlen_attn is not None
+def varlen_available(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether one packed attention call can run here: PyTorch's varlen attention (flash attention: CUDA,
+    fp16 or bf16; an fp32 tower stays stock)."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _varlen_attn is not None
 
 
+@torch.compiler.disable
 def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
 ) -> torch.Tensor:
-    """(tokens, heads, dim) attention within each segment of `cu_seqlens` (no mask, not causal)."""
+    """(tokens, heads, dim) attention within each segment of `cu_seqlens` (no mask, not causal).
+
+    Left out of compiled graphs (a graph break in each compiled vision block: the norms, rotary and MLP
+    around it still fuse), so a changing maximum length never recompiles a block."""
     return _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
 
 
@@ -183,7 +188,7 @@ def pack_vision_attention(tower: torch.nn.Module, plan: Callable[[Any, torch.Ten
     except ImportError:
         return False
     parameter = next(tower.parameters(), None)
-    if parameter is None or not varlen_available(parameter.device):
+    if parameter is None or not varlen_available(parameter.device, parameter.dtype):
         return False
     if getattr(tower, _HOOK, None) is None:
         cache = PlanCache(plan)

@@ -657,8 +657,19 @@ def write_trace(prof: Any, path: Path) -> None:
 
 
 def release(bench: Bench, peft_model: Any, *objects: Any) -> None:
-    """Take LoRA, checkpointing and compiled layers off the shared base model; free optimizer memory."""
+    """Take LoRA, checkpointing and compiled layers off the shared base model; free optimizer memory.
+
+    The projector goes back to the base's own: PEFT's `unload` leaves the trained `modules_to_save` copy in
+    its place, so later rows would run another model (issue 27's table run compared FP8 scores, taken after
+    the LoRA rows, with bf16 scores taken before them: its `p_ng_vs_ours_bf16` is not a precision check)."""
+    trained_copies = [
+        (name.removeprefix("base_model.model."), module.original_module)
+        for name, module in (peft_model.named_modules() if hasattr(peft_model, "unload") else [])
+        if hasattr(module, "original_module") and hasattr(module, "modules_to_save")
+    ]
     base = peft_model.unload() if hasattr(peft_model, "unload") else peft_model
+    for name, original in trained_copies:
+        base.set_submodule(name, original)
     for module in base.modules():
         if hasattr(module, "gradient_checkpointing"):
             module.gradient_checkpointing = False
@@ -928,7 +939,7 @@ def family_rows(bench: Bench, budgets: list[int], sections: set[str], only_ours:
     card = 23.6 - 0.5  # a 24 GB card's memory less the CUDA context
     bench.set_image_tokens(budgets[0])
     tag = f", {bench.image_tokens} image tokens"
-    fp8 = "fp8" in sections and fp8_ready(bench)
+    fp8 = bool(sections & {"fp8", "numerics", "compiled"}) and fp8_ready(bench)
     bench.build_model()
     if "parity" in sections and bench.time_left():
         parity_rows(bench)
@@ -939,16 +950,73 @@ def family_rows(bench: Bench, budgets: list[int], sections: set[str], only_ours:
         for setup in () if only_ours else ("plain", "peer"):
             if bench.time_left():
                 train_stock(bench, f"LoRA train{tag}", setup, ours.batch or 1)
-    if fp8 and "infer" in sections and bench.time_left():
+    if fp8 and "fp8" in sections and "infer" in sections and bench.time_left():
         with fp8_base(bench):
             infer_rows(bench, tag, describe=(), batches=(), ours="ours fp8")
     if "infer" in sections and bench.time_left():
         infer_rows(bench, tag, score=False, describe=("plain", "ours"), batches=(1,))
-    if fp8 and "train" in sections and bench.time_left():
+    if fp8 and "fp8" in sections and "train" in sections and bench.time_left():
         with fp8_base(bench):
             train_ours(bench, f"LoRA train{tag}", "ours fp8 (24 GB plan)", None, budget_gib=card)
     if "infer" in sections and not only_ours and bench.time_left():
         infer_rows(bench, tag, score=False, describe=("peer",), batches=(1,))
+    if "numerics" in sections and fp8 and bench.time_left():
+        fp8_numerics_rows(bench)
+    for precision in ("bf16", "fp8") if "compiled" in sections else ():  # training compiled, where it is off
+        if bench.time_left() and (precision == "bf16" or fp8):
+            setup = f"ours{' fp8' if precision == 'fp8' else ''}, compiled layers (24 GB plan)"
+            with fp8_base(bench) if precision == "fp8" else contextlib.nullcontext():
+                train_ours(bench, f"LoRA train{tag}", setup, None, budget_gib=card, compile=True)
+
+
+def fp8_numerics_rows(bench: Bench) -> None:
+    """Next-token logits of 8 score photos with the language model's linears in FP8 against bf16 (same
+    weights, ours' eager forward): relative error, top-1 agreement, p(NG), and the relative error of the
+    last position's hidden state after each layer; beside it the weights rounded to FP8 with bf16
+    activations (the weight error alone), and the bf16 noise floor (the tower stock instead of packed)."""
+    from vlm_inspect.models.fast_paths import swapped_modules
+    from vlm_inspect.models.fp8 import Fp8Linear
+
+    model = bench.model.eval()
+    predictor = Predictor(model, bench.processor, "random 7B", has_adapter=False)
+    inputs = predictor._inputs(bench.images[:8], [chat_prompt(bench.processor, QUESTION)] * 8)
+    ok_ids, ng_ids = predictor.verdict_ids
+
+    def forward() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.inference_mode():
+            out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
+        return out.logits[:, -1].float(), [h[:, -1].float() for h in out.hidden_states]
+
+    def compare(found: tuple[torch.Tensor, list[torch.Tensor]]) -> dict[str, Any]:
+        (logits, hidden), (ref, ref_hidden) = found, reference
+        p, q = logits.softmax(-1), ref.softmax(-1)
+        p_ng = p[:, ng_ids].sum(-1) / (p[:, ok_ids].sum(-1) + p[:, ng_ids].sum(-1))
+        q_ng = q[:, ng_ids].sum(-1) / (q[:, ok_ids].sum(-1) + q[:, ng_ids].sum(-1))
+        return {
+            "logits_rel_err": round(relative(logits, ref), 4),
+            "top1_agree": float((logits.argmax(-1) == ref.argmax(-1)).float().mean()),
+            "p_ng_max_diff": round(float((p_ng - q_ng).abs().max()), 4),
+            "ng_minus_ok_logit_bf16": [round(float(x), 3) for x in (ref[:, ng_ids[0]] - ref[:, ok_ids[0]])],
+            "hidden_rel_err_by_layer": [round(relative(a, b), 4) for a, b in zip(hidden, ref_hidden, strict=True)],
+        }
+
+    row = Row("FP8 numerics, 8 score photos", "ours fp8 vs ours bf16", 8)
+    reference = forward()
+    with stock_tower(bench):
+        row.detail["bf16, tower stock (noise floor)"] = compare(forward())
+    with fp8_base(bench):
+        row.detail["fp8"] = compare(forward())
+        rounded = []
+        for parent, name, child in [(p, n, c) for p in model.modules() for n, c in p.named_children()]:
+            if isinstance(child, Fp8Linear):
+                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                linear.weight = torch.nn.Parameter(child.dequantized(), requires_grad=False)
+                linear.bias = child.bias
+                rounded.append((parent, name, linear))
+        with swapped_modules(rounded):
+            row.detail["fp8 weights, bf16 activations"] = compare(forward())
+        del rounded
+    bench.record(row)
 
 
 @contextlib.contextmanager
@@ -1682,7 +1750,8 @@ def main() -> None:
         "--only",
         default=None,
         help="comma-separated: probe, train, plan (the 24 GB rows only), infer, score (the score rows alone), "
-        "qlora (default train,infer,qlora); Qwen families: parity, train, infer, fp8 (default all four)",
+        "qlora (default train,infer,qlora); Qwen families: parity, train, infer, fp8 (default these four), "
+        "numerics (FP8 logits against bf16), compiled (LoRA rows with compiled layers)",
     )
     parser.add_argument("--tiny", action="store_true", help="small model on CPU: checks the script, not the speed")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results (written after each row)")

@@ -120,7 +120,66 @@ QWEN_SHAPES = {
         ),
     },
 }
+# Qwen3-VL-8B's sizes (its config.json: 36 × 4096 LM, GQA 32/8, head 128; 27-block 1152-wide tower, 16 px
+# patches, deepstack at 8/16/24), and a tiny model of the same structure.
+QWEN3_SHAPES = {
+    "7b": {
+        "vision": dict(
+            depth=27,
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_heads=16,
+            out_hidden_size=4096,
+            num_position_embeddings=2304,
+            deepstack_visual_indexes=[8, 16, 24],
+            hidden_act="gelu_pytorch_tanh",
+        ),
+        "text": dict(
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            rope_parameters={
+                "rope_type": "default",
+                "mrope_section": [24, 20, 20],
+                "mrope_interleaved": True,
+                "rope_theta": 5000000.0,
+            },
+        ),
+    },
+    "tiny": {
+        "vision": dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            out_hidden_size=128,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+            hidden_act="gelu_pytorch_tanh",
+        ),
+        "text": dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            rope_parameters={
+                "rope_type": "default",
+                "mrope_section": [4, 6, 6],
+                "mrope_interleaved": True,
+                "rope_theta": 5000000.0,
+            },
+        ),
+    },
+}
 QWEN_PHOTO = (1120, 896)  # 40 × 32 tokens of 28 px: 1,280 image tokens at the default budget
+QWEN3_PHOTO = (1280, 1024)  # 40 × 32 tokens of 32 px: 1,280 image tokens at the default budget
+QWEN3_PATCH = 16
 QWEN_ANSWER_TOKENS = 64
 IMAGE_SIZE, PATCH, VOCAB = 336, 14, 32064
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 576
@@ -171,15 +230,20 @@ class Bench:
         self.started, self.deadline = time.perf_counter(), deadline
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() and not tiny else torch.device("cpu")
         self.family = family_named(family)
-        self.qwen = self.family.name == "qwen2_5_vl"
-        self.shape = (QWEN_SHAPES if self.qwen else SHAPES)["tiny" if tiny else "7b"]
+        self.qwen3 = self.family.name == "qwen3_vl"
+        self.qwen = self.family.name == "qwen2_5_vl" or self.qwen3  # a Qwen family (M-RoPE, dynamic resolution)
+        shapes = QWEN3_SHAPES if self.qwen3 else QWEN_SHAPES if self.qwen else SHAPES
+        self.shape = shapes["tiny" if tiny else "7b"]
+        self.patch = QWEN3_PATCH if self.qwen3 else PATCH
         self.rows: list[Row] = []
-        self.processor = qwen_processor() if self.qwen else build_processor(build_tokenizer(), IMAGE_SIZE, PATCH)
+        self.processor = (
+            qwen_processor(self.qwen3) if self.qwen else build_processor(build_tokenizer(), IMAGE_SIZE, PATCH)
+        )
         self.processor.tokenizer.padding_side = "left"  # as load_processor sets it
         self.tokenizer = self.processor.tokenizer
         tiny_vocab = -(-len(self.tokenizer) // 64) * 64  # the tiny Qwen's vocabulary, as its builder pads it
         self.vocab = self.shape["text"].get("vocab_size") or (tiny_vocab if self.qwen else VOCAB)
-        self.photo_size = QWEN_PHOTO if self.qwen else (480, 360)
+        self.photo_size = QWEN3_PHOTO if self.qwen3 else QWEN_PHOTO if self.qwen else (480, 360)
         self.image_tokens, self.text_tokens = IMAGE_TOKENS, TEXT_TOKENS
         self.set_image_tokens(image_tokens)
         self.data = write_dataset(work / "data", self.processor, n=48 if tiny else 128, size=self.photo_size)
@@ -189,6 +253,7 @@ class Bench:
         self.peak_tflops = measure_matmul_tflops(self.device)
         self.model: Any = None
         self.only_ours = False  # skip the plain and peer rows
+        self.p_ng: dict[str, list[float]] = {}  # our scores of the score rows' photos, per setup
 
     def set_image_tokens(self, budget: int | None) -> None:
         """Dynamic-resolution families: the processor's image-token budget (image_max_tokens), and what the
@@ -211,9 +276,7 @@ class Bench:
         return {
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor(),
             "versions": versions(),
-            "shape": "tiny (CPU check only)"
-            if self.tiny
-            else f"{'Qwen2.5-VL-7B' if self.qwen else 'LLaVA-1.5-7B'}, random bf16 weights",
+            "shape": "tiny (CPU check only)" if self.tiny else f"{self.shape_name()}, random bf16 weights",
             "tokens_per_sample": {
                 "image": self.image_tokens,
                 "text": self.text_tokens,
@@ -225,11 +288,14 @@ class Bench:
             "rows": [asdict(r) for r in self.rows],
         }
 
+    def shape_name(self) -> str:
+        return "Qwen3-VL-8B" if self.qwen3 else "Qwen2.5-VL-7B" if self.qwen else "LLaVA-1.5-7B"
+
     # ------------------------------------------------------------ model
 
     def config(self) -> Any:
         if self.qwen:
-            return qwen_config(self.shape, self.tokenizer, self.vocab)
+            return qwen_config(self.shape, self.tokenizer, self.vocab, self.qwen3)
         vision = CLIPVisionConfig(
             **self.shape["vision"], image_size=IMAGE_SIZE, patch_size=PATCH, hidden_act="quick_gelu", projection_dim=768
         )
@@ -260,7 +326,9 @@ class Bench:
         """Random bf16 weights made on the device (no 14 GB file): std 0.02 like transformers' init."""
         torch.manual_seed(0)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        if self.qwen:
+        if self.qwen3:
+            from transformers import Qwen3VLForConditionalGeneration as model_class
+        elif self.qwen:
             from transformers import Qwen2_5_VLForConditionalGeneration as model_class
         else:
             model_class = LlavaForConditionalGeneration
@@ -287,9 +355,10 @@ class Bench:
         attention = 2 * seq * seq * h * layers  # QK^T and AV, causal half
         lora = 2 * seq * layers * 128 * (4 * 2 * h + 2 * (h + ffn) + (ffn + h))
         head = 2 * supervised * h * self.vocab
-        if self.qwen:  # the merger: 4 patches' features (4 × 1280) → 5120 → hidden
+        if self.qwen:  # the merger: 4 patches' features (4 × 1280) → 5120 → hidden (Qwen3: 3 more, deepstack)
             merged = 4 * v["hidden_size"]
-            projector = 2 * self.image_tokens * (merged * merged + merged * h)
+            mergers = 1 + len(v.get("deepstack_visual_indexes", []))
+            projector = 2 * self.image_tokens * mergers * (merged * merged + merged * h)
         else:
             projector = 2 * IMAGE_TOKENS * (v["hidden_size"] * h + h * h)
         return 2 * linear + 3 * attention + 3 * lora + 3 * head + self.vision_flops() + 3 * projector
@@ -302,6 +371,10 @@ class Bench:
 
     def vision_flops(self) -> float:
         v = self.shape["vision"]
+        if self.qwen3:  # 4 patches per image token; a 2-matmul MLP; full attention over the image in every layer
+            patches, hidden = 4 * self.image_tokens, v["hidden_size"]
+            per_layer = 2 * patches * (4 * hidden**2 + 2 * hidden * v["intermediate_size"])
+            return v["depth"] * (per_layer + 4 * patches * patches * hidden)
         if self.qwen:  # 4 patches per image token; SwiGLU MLP; 8 × 8-patch windows but in the full layers
             patches, hidden = 4 * self.image_tokens, v["hidden_size"]
             per_layer = 2 * patches * (4 * hidden**2 + 3 * hidden * v["intermediate_size"])
@@ -410,32 +483,34 @@ def write_dataset(folder: Path, processor: Any, n: int, size: tuple[int, int] = 
     return folder
 
 
-def qwen_processor() -> Any:
-    """Qwen2.5-VL's processor as `models/families/qwen2_5_vl.py` builds its tiny model's: the tiny ChatML
-    tokenizer, the image processor (torchvision's where it is installed, as AutoProcessor picks), no video."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+def qwen_processor(qwen3: bool = False) -> Any:
+    """The Qwen2.5-VL (or Qwen3-VL) processor as `models/families/qwen*.py` build their tiny models': the tiny
+    ChatML tokenizer, the image processor (torchvision's where it is installed, as AutoProcessor picks), no
+    video."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor
 
     from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer
     from vlm_inspect.models.families.common import without_video
     from vlm_inspect.models.families.qwen2_5_vl import IMAGE_PARTS
 
-    template = chatml_template("<|vision_start|><|image_pad|><|vision_end|>", "You are a helpful assistant.")
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    template = chatml_template(image) if qwen3 else chatml_template(image, "You are a helpful assistant.")
     tok = chatml_tokenizer(IMAGE_PARTS, template)
-    image_processor = Qwen2VLImageProcessor(patch_size=PATCH, merge_size=2, temporal_patch_size=2)
+    patch = QWEN3_PATCH if qwen3 else PATCH
+    image_processor = Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2)
+    processor_class = transformers.Qwen3VLProcessor if qwen3 else transformers.Qwen2_5_VLProcessor
     try:
-        return without_video(Qwen2_5_VLProcessor)(
-            image_processor=image_processor, tokenizer=tok, chat_template=template
-        )
+        return without_video(processor_class)(image_processor=image_processor, tokenizer=tok, chat_template=template)
     except (AttributeError, TypeError, ValueError):  # an older transformers: give it its video processor
-        from transformers import Qwen2VLVideoProcessor
-
-        video = Qwen2VLVideoProcessor()
-        return Qwen2_5_VLProcessor(image_processor, tok, video_processor=video, chat_template=template)
+        video_class = transformers.Qwen3VLVideoProcessor if qwen3 else transformers.Qwen2VLVideoProcessor
+        return processor_class(image_processor, tok, video_processor=video_class(), chat_template=template)
 
 
-def qwen_config(shape: dict[str, dict], tok: Any, vocab: int) -> Any:
-    """A Qwen2_5_VLConfig of `shape` whose special-token ids are the processor's (as the tiny builder's)."""
-    from transformers import Qwen2_5_VLConfig
+def qwen_config(shape: dict[str, dict], tok: Any, vocab: int, qwen3: bool = False) -> Any:
+    """A Qwen2_5_VLConfig (or Qwen3VLConfig) of `shape` whose special-token ids are the processor's (as the
+    tiny builders')."""
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
 
     ids = tok.convert_tokens_to_ids
     text = {
@@ -448,8 +523,9 @@ def qwen_config(shape: dict[str, dict], tok: Any, vocab: int) -> Any:
         "pad_token_id": tok.pad_token_id,
         "tie_word_embeddings": False,
     }
-    vision = {**shape["vision"], "patch_size": PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2}
-    return Qwen2_5_VLConfig(
+    patch = QWEN3_PATCH if qwen3 else PATCH
+    vision = {**shape["vision"], "patch_size": patch, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    return (Qwen3VLConfig if qwen3 else Qwen2_5_VLConfig)(
         text_config=text,
         vision_config=vision,
         image_token_id=ids("<|image_pad|>"),
@@ -544,8 +620,16 @@ class StepTimes(TrainerCallback):
         return slice(warmup, self.trace_step - 1 if self.trace else None)  # the traced step is not timed
 
     def rate(self, batch: int, warmup: int) -> float:
+        """Samples/s at the median timed step: the rate once compiled, whatever step a late recompile (a new
+        photo size from augmentation) lands in; the mean over the timed steps is in `split_ms`."""
         timed = self.times[self.timed(warmup)]
-        return batch * (len(timed) - 1) / (timed[-1] - timed[0])
+        return batch / statistics.median(b - a for a, b in zip(timed, timed[1:], strict=False))
+
+    def compile_s(self, started: float, warmup: int) -> float:
+        """Seconds the warm-up steps took beyond as many steady steps: compiling, first allocations."""
+        timed = self.times[self.timed(warmup)]
+        step = statistics.median(b - a for a, b in zip(timed, timed[1:], strict=False))
+        return round(self.times[warmup - 1] - started - warmup * step, 1)
 
     def split_ms(self, warmup: int) -> dict[str, float]:
         """Median ms inside a step (begin to end) and between steps (end to the next begin)."""
@@ -553,7 +637,9 @@ class StepTimes(TrainerCallback):
         inside = [e - b for b, e in zip(begins, ends, strict=False)]
         between = [b - e for e, b in zip(ends, begins[1:], strict=False)]
         stats = torch.cuda.memory_stats(self.device) if self.device.type == "cuda" else {}
+        timed = self.times[self.timed(warmup)]
         return {
+            "mean_rate_steps_per_s": round((len(timed) - 1) / (timed[-1] - timed[0]), 3),
             "in_step_ms": round(1000 * statistics.median(inside), 1),
             "between_steps_ms": round(1000 * statistics.median(between), 1) if between else None,
             "step_ms": [round(1000 * (b - a), 1) for a, b in zip(ends, ends[1:], strict=False)],
@@ -572,8 +658,19 @@ def write_trace(prof: Any, path: Path) -> None:
 
 
 def release(bench: Bench, peft_model: Any, *objects: Any) -> None:
-    """Take LoRA, checkpointing and compiled layers off the shared base model; free optimizer memory."""
+    """Take LoRA, checkpointing and compiled layers off the shared base model; free optimizer memory.
+
+    The projector goes back to the base's own: PEFT's `unload` leaves the trained `modules_to_save` copy in
+    its place, so later rows would run another model (issue 27's table run compared FP8 scores, taken after
+    the LoRA rows, with bf16 scores taken before them: its `p_ng_vs_ours_bf16` is not a precision check)."""
+    trained_copies = [
+        (name.removeprefix("base_model.model."), module.original_module)
+        for name, module in (peft_model.named_modules() if hasattr(peft_model, "unload") else [])
+        if hasattr(module, "original_module") and hasattr(module, "modules_to_save")
+    ]
     base = peft_model.unload() if hasattr(peft_model, "unload") else peft_model
+    for name, original in trained_copies:
+        base.set_submodule(name, original)
     for module in base.modules():
         if hasattr(module, "gradient_checkpointing"):
             module.gradient_checkpointing = False
@@ -643,7 +740,8 @@ def train_stock(bench: Bench, work: str, setup: str, batch: int, checkpointing: 
     row = Row(work, setup, batch, detail={"liger": liger, "checkpointing": checkpointing, "dropout": lora.lora_dropout})
     try:
         reset_peak(bench.device)
-        trainer.train()
+        with stock_tower(bench):  # the tower's attention as transformers runs it
+            trainer.train()
         row.rate, row.peak_gib = timer.rate(batch, bench.warmup), peak_gib(bench.device)
         row.detail.update(timer.split_ms(bench.warmup))
         row.mfu = bench.mfu(bench.train_flops(supervised_tokens(bench)), row.rate)
@@ -715,6 +813,8 @@ def train_ours(
             compiled=loop.use_compile(cfg, bench.device, bench.family),
             seq_tokens_max=max(dataset.lengths),
             first_steps_s=round(timer.times[bench.warmup - 1] - started, 1),
+            compile_s=timer.compile_s(started, bench.warmup),
+            losses=[round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r],
             workers=trainer.args.dataloader_num_workers,
         )
     except Exception as err:
@@ -831,32 +931,261 @@ def train_rows(bench: Bench, only_ours: bool = False, plan_only: bool = False) -
 
 
 def family_rows(bench: Bench, budgets: list[int], sections: set[str], only_ours: bool = False) -> None:
-    """A dynamic-resolution family's rows at each image-token budget, most important first: LoRA at the
-    24 GB plan (ours; plain and peer at the batch ours chose), score, describe (plain, ours); then LoRA with
-    compiled layers (off by default for this family until measured) and the peer describe rows, whose
-    static-cache `generate` compiles for each batch size."""
+    """A Qwen family's rows at the first image-token budget (issue 27), in one run, most important first
+    (rows past `--deadline` are skipped): `parity` (the tower's packed attention against stock), `infer`'s
+    score at batch 32 (plain, ours), `train` (LoRA at the 24 GB plan: ours, then plain and peer at the
+    batch ours chose), `fp8`'s score (the language model's linears in FP8), `infer`'s describe 48 tokens
+    at batch 1 (plain, ours), `fp8`'s LoRA, and last the describe peer, whose static-cache `generate`
+    compiles. FP8 rows convert the bench model in place and put the bf16 linears back after."""
     card = 23.6 - 0.5  # a 24 GB card's memory less the CUDA context
-    stock = () if only_ours else ("plain", "peer")
-    for budget in budgets:
-        bench.set_image_tokens(budget)
-        tag = f", {bench.image_tokens} image tokens"
-        if "train" in sections and bench.time_left():
-            bench.build_model() if bench.model is None else None
-            ours = train_ours(bench, f"LoRA train{tag}", "ours (24 GB plan)", None, budget_gib=card)
-            for setup in stock:
-                if bench.time_left():
-                    train_stock(bench, f"LoRA train{tag}", setup, ours.batch or 1)
-        if "infer" in sections and bench.time_left():
-            infer_rows(bench, tag, describe=("plain", "ours"))
-    for budget in budgets if "train" in sections else []:
-        bench.set_image_tokens(budget)
-        if bench.time_left():
-            work = f"LoRA train, {bench.image_tokens} image tokens"
-            train_ours(bench, work, "ours, compiled layers (24 GB plan)", None, budget_gib=card, compile=True)
-    for budget in budgets if "infer" in sections and not only_ours else []:
-        bench.set_image_tokens(budget)
-        if bench.time_left():
-            infer_rows(bench, f", {bench.image_tokens} image tokens", score=False, describe=("peer",))
+    bench.set_image_tokens(budgets[0])
+    tag = f", {bench.image_tokens} image tokens"
+    fp8 = bool(sections & {"fp8", "numerics", "compiled"}) and fp8_ready(bench)
+    bench.build_model()
+    if "parity" in sections and bench.time_left():
+        parity_rows(bench)
+    if "infer" in sections and bench.time_left():
+        infer_rows(bench, tag, describe=(), batches=())
+    if "train" in sections and bench.time_left():
+        ours = train_ours(bench, f"LoRA train{tag}", "ours (24 GB plan)", None, budget_gib=card)
+        for setup in () if only_ours else ("plain", "peer"):
+            if bench.time_left():
+                train_stock(bench, f"LoRA train{tag}", setup, ours.batch or 1)
+    if fp8 and "fp8" in sections and "infer" in sections and bench.time_left():
+        with fp8_base(bench):
+            infer_rows(bench, tag, describe=(), batches=(), ours="ours fp8")
+    if "infer" in sections and bench.time_left():
+        infer_rows(bench, tag, score=False, describe=("plain", "ours"), batches=(1,))
+    if fp8 and "fp8" in sections and "train" in sections and bench.time_left():
+        with fp8_base(bench):
+            train_ours(bench, f"LoRA train{tag}", "ours fp8 (24 GB plan)", None, budget_gib=card)
+    if "infer" in sections and not only_ours and bench.time_left():
+        infer_rows(bench, tag, score=False, describe=("peer",), batches=(1,))
+    if "numerics" in sections and fp8 and bench.time_left():
+        fp8_numerics_rows(bench)
+    for precision in ("bf16", "fp8") if "compiled" in sections else ():  # training compiled, where it is off
+        if bench.time_left() and (precision == "bf16" or fp8):
+            setup = f"ours{' fp8' if precision == 'fp8' else ''}, compiled layers (24 GB plan)"
+            with fp8_base(bench) if precision == "fp8" else contextlib.nullcontext():
+                train_ours(bench, f"LoRA train{tag}", setup, None, budget_gib=card, compile=True)
+
+
+def fp8_numerics_rows(bench: Bench) -> None:
+    """Next-token logits of 8 score photos with the language model's linears in FP8 against bf16 (same
+    weights, ours' eager forward): relative error, top-1 agreement, p(NG), and the relative error of the
+    last position's hidden state after each layer; beside it the weights rounded to FP8 with bf16
+    activations (the weight error alone), and the bf16 noise floor (the tower stock instead of packed)."""
+    from vlm_inspect.models.fast_paths import swapped_modules
+    from vlm_inspect.models.fp8 import Fp8Linear
+
+    model = bench.model.eval()
+    predictor = Predictor(model, bench.processor, "random 7B", has_adapter=False)
+    inputs = predictor._inputs(bench.images[:8], [chat_prompt(bench.processor, QUESTION)] * 8)
+    ok_ids, ng_ids = predictor.verdict_ids
+
+    def forward() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.inference_mode():
+            out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
+        return out.logits[:, -1].float(), [h[:, -1].float() for h in out.hidden_states]
+
+    def compare(found: tuple[torch.Tensor, list[torch.Tensor]]) -> dict[str, Any]:
+        (logits, hidden), (ref, ref_hidden) = found, reference
+        p, q = logits.softmax(-1), ref.softmax(-1)
+        p_ng = p[:, ng_ids].sum(-1) / (p[:, ok_ids].sum(-1) + p[:, ng_ids].sum(-1))
+        q_ng = q[:, ng_ids].sum(-1) / (q[:, ok_ids].sum(-1) + q[:, ng_ids].sum(-1))
+        return {
+            "logits_rel_err": round(relative(logits, ref), 4),
+            "top1_agree": float((logits.argmax(-1) == ref.argmax(-1)).float().mean()),
+            "p_ng_max_diff": round(float((p_ng - q_ng).abs().max()), 4),
+            "ng_minus_ok_logit_bf16": [round(float(x), 3) for x in (ref[:, ng_ids[0]] - ref[:, ok_ids[0]])],
+            "hidden_rel_err_by_layer": [round(relative(a, b), 4) for a, b in zip(hidden, ref_hidden, strict=True)],
+        }
+
+    row = Row("FP8 numerics, 8 score photos", "ours fp8 vs ours bf16", 8)
+    reference = forward()
+    with stock_tower(bench):
+        row.detail["bf16, tower stock (noise floor)"] = compare(forward())
+    with fp8_base(bench):
+        row.detail["fp8"] = compare(forward())
+        rounded = []
+        for parent, name, child in [(p, n, c) for p in model.modules() for n, c in p.named_children()]:
+            if isinstance(child, Fp8Linear):
+                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                linear.weight = torch.nn.Parameter(child.dequantized(), requires_grad=False)
+                linear.bias = child.bias
+                rounded.append((parent, name, linear))
+        with swapped_modules(rounded):
+            row.detail["fp8 weights, bf16 activations"] = compare(forward())
+        del rounded
+    bench.record(row)
+
+
+@contextlib.contextmanager
+def fp8_base(bench: Bench) -> Any:
+    """Inside, the bench model's language-model linears are FP8 (`to_fp8`); the bf16 ones wait on the CPU
+    (out of the 24 GB plan's allocator cap) and come back after."""
+    from vlm_inspect.models.fp8 import decoder_linears, to_fp8
+
+    slots = decoder_linears(bench.model)
+    originals = [getattr(parent, name) for parent, name in slots]
+    print(f"[fp8] {to_fp8(bench.model)} language-model linears in FP8", flush=True)
+    for module in originals:
+        module.to("cpu")
+    gc.collect()
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        for (parent, name), module in zip(slots, originals, strict=True):
+            setattr(parent, name, module.to(bench.device))
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.compiler.reset()
+
+
+def fp8_ready(bench: Bench) -> bool:
+    from vlm_inspect.models.fp8 import fp8_supported
+
+    ok, reason = fp8_supported(bench.device)
+    if not ok:
+        print(f"[skip] fp8 rows: {reason}", flush=True)
+    return ok
+
+
+@contextlib.contextmanager
+def stock_tower(bench: Bench) -> Any:
+    """Inside, the vision tower runs as stock transformers runs it (plain and peer rows)."""
+    from vlm_inspect.models.qwen_vision import stock_vision_attention
+
+    if bench.model is None or bench.family.vision_plan is None:
+        yield
+        return
+    with stock_vision_attention(bench.family.vision_tower(bench.model)):
+        yield
+
+
+def parity_rows(bench: Bench) -> None:
+    """The vision tower alone on the bench model's weights: stock sdpa (the per-window / per-image loop),
+    stock eager (the bf16 noise floor between two stock backends) and ours (one packed call per layer,
+    eager and with its blocks compiled as scoring runs them), on photos of several sizes one at a time and as
+    one mixed batch, then batch 32: relative error of the tower's output and its merged features against
+    stock sdpa, ms per image. Then p(NG) of a batch of 8 photos scored at once against one by one (ours)."""
+    from vlm_inspect.models.fast_paths import compile_slots, pack_vision
+    from vlm_inspect.models.qwen_vision import stock_vision_attention
+
+    model = bench.model
+    tower = bench.family.vision_tower(model)
+    config = tower.config
+    merge = config.spatial_merge_size * bench.patch
+    sizes = [(1120, 896), (640, 480), (896, 1344), (420, 308)] if not bench.tiny else [(112, 84), (168, 112)]
+    grids = [[1, round(h / merge) * 2, round(w / merge) * 2] for w, h in sizes]
+    cases = [[g] for g in grids] + [grids] + [[grids[0]] * (32 if not bench.tiny else 4)]
+    names = [f"{w}x{h}" for w, h in sizes] + ["mixed batch", f"batch {len(cases[-1])} of {sizes[0][0]}x{sizes[0][1]}"]
+    width = config.in_channels * config.temporal_patch_size * bench.patch**2
+    row = Row("vision tower parity and speed", "ours vs stock", 0, detail={"cases": {}})
+    pack_vision(model)
+    compiled: dict[int, Any] = {}
+    attention = type(tower.blocks[0].attn)
+    for name, case in zip(names, cases, strict=True):
+        if not bench.time_left():
+            break
+        torch.manual_seed(0)
+        pixels = torch.randn(sum(t * h * w for t, h, w in case), width, device=bench.device, dtype=bench_dtype(bench))
+        grid = torch.tensor(case, device=bench.device)
+
+        def run(pixels: torch.Tensor = pixels, grid: torch.Tensor = grid) -> list[torch.Tensor]:
+            with torch.inference_mode():
+                out = tower(pixels, grid_thw=grid)
+            return [out.last_hidden_state.float(), out.pooler_output.float()]
+
+        found: dict[str, Any] = {}
+        speed = case is cases[-1]  # times at batch 32 only; the others check the numbers
+        with stock_vision_attention(tower):
+            found["stock sdpa"] = run()
+            if speed:
+                found["stock sdpa ms"] = timed(bench.device, run, 1) * 1000 / len(case)
+            if name == "mixed batch":
+                config._attn_implementation = "eager"
+                found["stock eager"] = run()
+                config._attn_implementation = "sdpa"
+        found["ours"] = run()
+        if speed:
+            found["ours ms"] = timed(bench.device, run, 3) * 1000 / len(case)
+        if speed and bench.device.type == "cuda":  # its blocks compiled, as scoring runs them
+            with compiled_modules([s for s in compile_slots(model) if s[0] is tower.blocks], compiled):
+                started = time.perf_counter()
+                run()
+                found["ours compiled first call s"] = time.perf_counter() - started
+                found["ours compiled"] = run()
+                found["ours compiled ms"] = timed(bench.device, run, 3) * 1000 / len(case)
+        ref = found["stock sdpa"]
+        entry = {"patches": int(pixels.shape[0]), "grids": case if len(case) <= 5 else f"{len(case)} × {case[0]}"}
+        for variant in ("stock eager", "ours", "ours compiled"):
+            if variant in found:
+                entry[f"rel_err_{variant}"] = [
+                    round(relative(a, b), 5) for a, b in zip(found[variant], ref, strict=True)
+                ]
+        entry.update({k.replace(" ", "_"): round(v, 2) for k, v in found.items() if isinstance(v, float)})
+        row.detail["cases"][name] = entry
+        print(f"[parity] {name}: {entry}", flush=True)
+    row.detail["attention_class"] = attention.__name__
+    predictor = Predictor(model, bench.processor, "random 7B", has_adapter=False)
+    eight = bench.images[:8]
+    ok_ids, ng_ids = predictor.verdict_ids
+
+    def p_ng(images: list[Image.Image]) -> list[float]:  # ours' forward, eager (no compile for batch 1 here)
+        with torch.inference_mode():
+            logits = (
+                model(
+                    **predictor._inputs(images, [chat_prompt(bench.processor, QUESTION)] * len(images)),
+                    logits_to_keep=1,
+                )
+                .logits[:, -1]
+                .float()
+            )
+        probs = logits.softmax(-1)
+        return (probs[:, ng_ids].sum(-1) / (probs[:, ok_ids].sum(-1) + probs[:, ng_ids].sum(-1))).tolist()
+
+    at_once = p_ng(eight)
+    one_by_one = [p_ng([image])[0] for image in eight]
+    row.detail["p_ng_batch8_vs_one_by_one_max_diff"] = max(abs(a - b) for a, b in zip(at_once, one_by_one, strict=True))
+    bench.record(row)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def family_table(bench: Bench) -> str:
+    """Markdown: per work, plain / peer / ours bf16 / ours FP8 with MFU beside each rate, and ours' ratios."""
+    lines = [
+        "| work | plain | peer | ours bf16 | ours FP8 | bf16 / plain | bf16 / peer | FP8 / plain | FP8 / peer |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(row: Row | None) -> str:
+        if row is None:
+            return "—"
+        if row.error or not row.rate:
+            return "failed"
+        mfu = f", MFU {100 * row.mfu:.0f}%" if row.mfu else ""
+        peak = f", {row.peak_gib:.1f} GiB" if row.peak_gib else ""
+        return f"{row.rate:.2f}/s{mfu}{peak}"
+
+    def ratio(a: Row | None, b: Row | None) -> str:
+        return f"{a.rate / b.rate:.2f}×" if a and b and a.rate and b.rate else "—"
+
+    for work in dict.fromkeys(r.work for r in bench.rows if r.rate is not None or r.error):
+        found = [r for r in bench.rows if r.work == work]
+        plain = next((r for r in found if r.setup == "plain"), None)
+        peer = next((r for r in found if r.setup.startswith("peer")), None)
+        ours = next((r for r in found if r.setup.startswith("ours") and "fp8" not in r.setup), None)
+        fp8 = next((r for r in found if r.setup.startswith("ours fp8")), None)
+        lines.append(
+            f"| {work} | {cell(plain)} | {cell(peer)} | {cell(ours)} | {cell(fp8)} | {ratio(ours, plain)} | "
+            f"{ratio(ours, peer)} | {ratio(fp8, plain)} | {ratio(fp8, peer)} |"
+        )
+    return "\n".join(lines)
 
 
 def probe_rows(bench: Bench) -> None:
@@ -1001,7 +1330,9 @@ class VariantPredictor(Predictor):
         return decoder
 
 
-def score_pair(bench: Bench, model: Any, predictor: Predictor, score_flops: float, tag: str) -> None:
+def score_pair(
+    bench: Bench, model: Any, predictor: Predictor, score_flops: float, tag: str, ours: str = "ours"
+) -> None:
     """OK/NG score at batch 32: stock `model(...)` and `Predictor.score`, and where ours' time goes."""
     images = bench.images
     batch = 32 if not bench.tiny else 4
@@ -1009,17 +1340,23 @@ def score_pair(bench: Bench, model: Any, predictor: Predictor, score_flops: floa
 
     @torch.inference_mode()
     def plain_score() -> torch.Tensor:
-        return model(**stock_inputs(bench, group)).logits[:, -1].float().softmax(-1)
+        with stock_tower(bench):
+            return model(**stock_inputs(bench, group)).logits[:, -1].float().softmax(-1)
 
-    rows = [("plain", plain_score), ("ours", lambda: predictor.score(group, QUESTION, batch_size=batch))]
+    rows = [("plain", plain_score), (ours, lambda: predictor.score(group, QUESTION, batch_size=batch))]
+    if ours != "ours" or bench.only_ours:  # the FP8 rows: plain ran in bf16 already
+        rows = rows[1:]
     for setup, fn in rows:
         row = Row(f"OK/NG score, batch 32{tag}", setup, batch)
         try:
+            started = time.perf_counter()
             fn()
+            first = time.perf_counter() - started
             reset_peak(bench.device)
             seconds = timed(bench.device, fn, 3)
             row.rate, row.peak_gib = batch / seconds, peak_gib(bench.device)
             row.mfu = bench.mfu(score_flops, row.rate)
+            row.detail["compile_s"] = round(first - seconds, 1)  # the first call beyond a steady one
         except Exception as err:
             row.error = f"{type(err).__name__}: {err}"[:400]
             traceback.print_exc()
@@ -1032,6 +1369,17 @@ def score_pair(bench: Bench, model: Any, predictor: Predictor, score_flops: floa
         bench.rows[-1].detail["max_p_ng_difference_vs_plain"] = max(
             abs(a - b) for a, b in zip(p_plain, p_ours, strict=True)
         )
+        bench.p_ng[ours] = p_ours
+        if ours != "ours" and "ours" in bench.p_ng:  # FP8 against our bf16 scores of the same photos
+            diffs = [abs(a - b) for a, b in zip(bench.p_ng["ours"], p_ours, strict=True)]
+            bench.rows[-1].detail["p_ng_vs_ours_bf16"] = {
+                "max": max(diffs),
+                "mean": sum(diffs) / len(diffs),
+                "verdicts_agree": sum(
+                    (a >= 0.5) == (b >= 0.5) for a, b in zip(bench.p_ng["ours"], p_ours, strict=True)
+                ),
+                "of": len(diffs),
+            }
     with contextlib.suppress(Exception):
         prompts = [chat_prompt(bench.processor, QUESTION)] * batch
         ours_inputs = timed(bench.device, lambda: predictor._inputs(group, prompts), 3)
@@ -1039,14 +1387,26 @@ def score_pair(bench: Bench, model: Any, predictor: Predictor, score_flops: floa
         inputs = predictor._inputs(group, prompts)
         with torch.inference_mode():
             forward = timed(bench.device, lambda: model(**inputs, logits_to_keep=1), 3)
+            if bench.qwen:  # the same eager forward with the tower stock: what the packed tower buys alone
+                with stock_tower(bench):
+                    forward_stock = timed(bench.device, lambda: model(**inputs, logits_to_keep=1), 2)
+                bench.rows[-1].detail["forward_s_eager_tower_stock"] = round(forward_stock, 4)
         bench.rows[-1].detail.update(
             inputs_s_ours=round(ours_inputs, 4), inputs_s_plain_cpu=round(plain_inputs, 4), forward_s=round(forward, 4)
         )
 
 
-def infer_rows(bench: Bench, tag: str = "", score: bool = True, describe: tuple[str, ...] | None = None) -> None:
-    """OK/NG score at batch 32 (plain, ours) when `score`, then describe 48 tokens at batch 8 and 1 with the
-    setups whose names start with one of `describe` (all when None). `tag` ends each work's name."""
+def infer_rows(
+    bench: Bench,
+    tag: str = "",
+    score: bool = True,
+    describe: tuple[str, ...] | None = None,
+    batches: tuple[int, ...] = (8, 1),
+    ours: str = "ours",
+) -> Predictor:
+    """OK/NG score at batch 32 (plain, ours) when `score`, then describe 48 tokens at `batches` with the
+    setups whose names start with one of `describe` (all when None). `tag` ends each work's name; `ours`
+    names our rows (e.g. "ours fp8")."""
     model = bench.model if bench.model is not None else bench.build_model()
     model.eval()
     predictor = Predictor(model, bench.processor, "random 7B", has_adapter=False)
@@ -1054,18 +1414,18 @@ def infer_rows(bench: Bench, tag: str = "", score: bool = True, describe: tuple[
     prompt_tokens = stock_inputs(bench, images[:1])["input_ids"].shape[1]
     score_flops = bench.forward_flops(prompt_tokens, prompt_tokens) + bench.vision_flops()
     if score:
-        score_pair(bench, model, predictor, score_flops, tag)
+        score_pair(bench, model, predictor, score_flops, tag, ours)
 
     new_tokens = 48
     variants = [
         ("ours, q/k/v and gate/up not stacked", VariantPredictor(predictor, stacked=False)),
         ("ours, prefill compiled in parts", VariantPredictor(predictor, whole_prefill=False)),
     ]
-    if not bench.family.fast_paths:  # the levers undone are the fast paths' own
+    if not bench.family.fast_paths or bench.qwen:  # the levers undone are LLaVA's fast paths' own
         variants = []
-    for batch in (8, 1):
+    for batch in batches:
         if not bench.time_left():
-            return
+            return predictor
         group = images[:batch]
         work = f"describe 48 tokens, batch {batch}{tag}"
         flops = (
@@ -1076,7 +1436,7 @@ def infer_rows(bench: Bench, tag: str = "", score: bool = True, describe: tuple[
 
         def generate(static: bool, group: list[Image.Image] = group) -> torch.Tensor:
             extra = {"cache_implementation": "static"} if static else {}
-            with torch.inference_mode():
+            with torch.inference_mode(), stock_tower(bench):
                 inputs = stock_inputs(bench, group)
                 ids = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, **extra)
             return ids[:, inputs["input_ids"].shape[1] :]
@@ -1084,7 +1444,7 @@ def infer_rows(bench: Bench, tag: str = "", score: bool = True, describe: tuple[
         setups = [
             ("plain", lambda g=group: generate(False, g)),
             ("peer (static cache)", lambda g=group: generate(True, g)),
-            ("ours", lambda g=group: predictor.describe(g, QUESTION, max_new_tokens=new_tokens, batch_size=len(g))),
+            (ours, lambda g=group: predictor.describe(g, QUESTION, max_new_tokens=new_tokens, batch_size=len(g))),
             *[(name, lambda g=group, v=v: v.describe(g, QUESTION, new_tokens, len(g))) for name, v in variants],
         ]
         if bench.only_ours:
@@ -1096,17 +1456,19 @@ def infer_rows(bench: Bench, tag: str = "", score: bool = True, describe: tuple[
             try:
                 started = time.perf_counter()
                 fn()
+                first = time.perf_counter() - started
                 fn()
                 row.detail["warmup_s"] = round(time.perf_counter() - started, 1)
                 reset_peak(bench.device)
                 seconds = timed(bench.device, fn, 3 if batch > 1 else 5)
                 row.rate, row.peak_gib = batch / seconds, peak_gib(bench.device)
                 row.mfu = bench.mfu(flops, row.rate)
+                row.detail["compile_s"] = round(first - seconds, 1)  # the first call beyond a steady one
             except Exception as err:
                 row.error = f"{type(err).__name__}: {err}"[:400]
                 traceback.print_exc()
             bench.record(row)
-        if not bench.family.fast_paths or describe is not None:
+        if not bench.family.fast_paths or (describe is not None and "plain" not in describe):
             continue
         with contextlib.suppress(Exception):
             # Random weights give nearly flat logits, so bf16 rounding flips greedy choices: the share of
@@ -1124,6 +1486,7 @@ def infer_rows(bench: Bench, tag: str = "", score: bool = True, describe: tuple[
                 bench.rows[-1].detail[f"tokens_equal_{name}_vs_plain"] = float(
                     (ids == plain_ids[:, : ids.shape[1]]).float().mean()
                 )
+    return predictor
 
 
 def score_rows(bench: Bench) -> None:
@@ -1386,8 +1749,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--only",
-        default="train,infer,qlora",
-        help="comma-separated: probe, train, plan (the 24 GB rows only), infer, score (the score rows alone), qlora",
+        default=None,
+        help="comma-separated: probe, train, plan (the 24 GB rows only), infer, score (the score rows alone), "
+        "qlora (default train,infer,qlora); Qwen families: parity, train, infer, fp8 (default these four), "
+        "numerics (FP8 logits against bf16), compiled (LoRA rows with compiled layers)",
     )
     parser.add_argument("--tiny", action="store_true", help="small model on CPU: checks the script, not the speed")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results (written after each row)")
@@ -1396,12 +1761,13 @@ def main() -> None:
     parser.add_argument("--only-ours", action="store_true", help="skip the plain and peer rows")
     parser.add_argument("--deadline", type=float, default=540, help="seconds after which remaining rows are skipped")
     parser.add_argument("--traces", type=Path, default=None, help="folder for one profiled step per training row")
-    parser.add_argument("--family", default="llava", help="llava (the rows above) or qwen2_5_vl (see the top)")
     parser.add_argument(
-        "--image-tokens", default="1280,576", help="qwen2_5_vl: comma-separated image_max_tokens budgets to measure"
+        "--family", default="llava", help="llava (the rows above), qwen2_5_vl or qwen3_vl (see the top)"
     )
+    parser.add_argument("--image-tokens", default="1280", help="Qwen families: the image_max_tokens budget")
     args = parser.parse_args()
-    sections = set(args.only.split(","))
+    default = "train,infer,qlora" if args.family == "llava" else "parity,train,infer,fp8"
+    sections = set((args.only or default).split(","))
     budgets = [int(t) for t in args.image_tokens.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(args.tiny, args.steps, args.warmup, Path(tmp), args.out, args.deadline, args.family, budgets[0])
@@ -1410,6 +1776,7 @@ def main() -> None:
         if args.family != "llava":
             family_rows(bench, budgets, sections, args.only_ours)
             sections = set()
+            print("\n" + family_table(bench))
         if "probe" in sections:
             probe_rows(bench)
         if "train" in sections or "plan" in sections:
@@ -1422,7 +1789,8 @@ def main() -> None:
         if "qlora" in sections and bench.device.type == "cuda" and bench.time_left():
             qlora_rows(bench, args.only_ours)
         result = bench.result()
-        print("\n" + table(bench))
+        if args.family == "llava":
+            print("\n" + table(bench))
         if args.out:
             args.out.write_text(json.dumps(result, indent=1, default=str))
             print(f"\nwrote {args.out}")

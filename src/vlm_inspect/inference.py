@@ -37,6 +37,7 @@ from vlm_inspect.models.fast_paths import (
     adapter_active,
     compile_slots,
     compiled_modules,
+    pack_vision,
 )
 
 VERDICTS = ("OK", "NG")
@@ -72,6 +73,7 @@ class Predictor:
         """The model settings in force (image_max_tokens resolved to the budget the processor applies)."""
         self.tokenizer = processor.tokenizer
         self.family = family_of_model(model)
+        pack_vision(model)  # on CUDA, the Qwen towers' attention as one call per layer (models/qwen_vision.py)
         self.default_question = question or DatasetFacts().default_question()
         self.verdict_ids = verdict_token_ids(self.tokenizer, render_prompt(processor, self.default_question))
         self.lock = threading.Lock()  # one user of the weights at a time (serve runs threads)

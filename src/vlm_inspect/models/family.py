@@ -61,6 +61,12 @@ class Family:
     foreign_layout: Callable[[dict], str | None] | None = None
     """Given a folder's config.json, what to do when it is this family in another repository's layout (a message
     with `{folder}` in it; LLaVA-1.5: the original repo's, which `convert` turns into llava-hf), else None."""
+    vision_plan: Callable[[Any, torch.Tensor], dict] | None = None
+    """Builds the vision tower's per-photo-size plan for one packed attention call per layer on CUDA
+    (`models/qwen_vision.py`); None: the tower's attention runs stock."""
+    prompt_positions: Callable[[Any, dict], torch.Tensor] | None = None
+    """The prompt's position ids as `generate` computes them, for the greedy decoder (M-RoPE families: the
+    inner model's (3, batch, length) `get_rope_index`); None: one position per unpadded token."""
     build_tiny: Callable[..., Path] = field(default=None, repr=False)  # type: ignore[assignment]
     """Builds and saves a tiny random model, tokenizer and processor of this family (tests, trials)."""
 

@@ -1,6 +1,8 @@
-"""GPU fast paths, each measured where a family opts in (`Family.fast_paths`; today LLaVA-1.5 only):
-torch.compile'd layers for scoring and training, stacked q/k/v and gate/up weights, and the greedy
-decoder whose step is one CUDA-graph replay. On a CPU none of them is used.
+"""GPU fast paths, each measured where a family opts in (`Family.fast_paths`: LLaVA-1.5, Qwen2.5-VL,
+Qwen3-VL): torch.compile'd layers for scoring and training, stacked q/k/v and gate/up weights, the greedy
+decoder whose step is one CUDA-graph replay (M-RoPE positions too, `Family.prompt_positions`), and the
+Qwen towers' packed attention (`Family.vision_plan`, models/qwen_vision.py). On a CPU none of them is used
+(the greedy decoder runs there without its graph).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from typing import Any
 import torch
 
 from vlm_inspect.models.families import family_of_model
+from vlm_inspect.models.qwen_vision import pack_vision_attention
 
 # Decoders are made per (batch, KV-cache length rounded up to this): prompts of similar length share one.
 DECODE_LENGTH_STEP = 64
 MAX_DECODERS = 3
 # Decoding checks for finished answers every this many tokens: each check waits for the GPU.
 EOS_CHECK_EVERY = 8
+# Names of the vision towers' layer lists (CLIP, SigLIP: `layers`; the Qwen towers: `blocks`).
+VISION_LAYER_LISTS = ("layers", "blocks")
 
 
 def compile_slots(model: Any, prefill: bool = False) -> list[tuple[torch.nn.Module, str]]:
@@ -32,17 +37,25 @@ def compile_slots(model: Any, prefill: bool = False) -> list[tuple[torch.nn.Modu
     35 ms with the whole language model on an H100; describe on an H200 3.59 → 3.87 images/s at batch 1,
     20.34 → 20.86 at batch 8. The price: the first call of a batch size compiles for 80–95 s, not ~30 s.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    family = family_of_model(model)
     vision = [
-        m.layers
-        for m in family_of_model(model).vision_tower(model).modules()
-        if isinstance(getattr(m, "layers", None), torch.nn.ModuleList)
+        getattr(m, name)
+        for m in family.vision_tower(model).modules()
+        for name in VISION_LAYER_LISTS
+        if isinstance(getattr(m, name, None), torch.nn.ModuleList)
     ]
     slots = [(layers, str(i)) for layers in vision for i in range(len(layers))]
     if prefill:
-        return [*slots, (base.model, "language_model")]
-    language = base.model.language_model.layers
+        return [*slots, (family.inner(model), "language_model")]
+    language = family.language_layers(model)
     return slots + [(language, str(i)) for i in range(len(language))]
+
+
+def pack_vision(model: Any) -> bool:
+    """On CUDA, the vision tower's attention as one packed call per layer where the family has a plan for
+    it (`Family.vision_plan`: the Qwen towers); True if switched. Measured: models/qwen_vision.py."""
+    plan = family_of_model(model).vision_plan
+    return plan is not None and pack_vision_attention(family_of_model(model).vision_tower(model), plan)
 
 
 class StackedProjection(torch.nn.Module):
@@ -71,9 +84,8 @@ def stacked_projections(model: Any, cache: dict[int, Any]) -> list[tuple[torch.n
     Only plain bias-free `nn.Linear`s are stacked (not LoRA or quantized layers). Their weights become views
     of the stacked one, so no memory is added; `cache` (the predictor's) keeps one set per model.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     swaps = []
-    for layer in base.model.language_model.layers:
+    for layer in family_of_model(model).language_layers(model):
         for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")), (layer.mlp, ("gate_proj", "up_proj"))):
             linears = [getattr(parent, name) for name in names]
             if not all(type(m) is torch.nn.Linear and m.bias is None for m in linears):
@@ -155,7 +167,9 @@ class GreedyDecoder:
         from transformers import StaticCache
 
         self.net = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.lm, self.head = self.net.model.language_model, self.net.lm_head
+        self.family = family_of_model(model)
+        self.inner = self.family.inner(model)
+        self.lm, self.head = self.inner.language_model, self.net.lm_head
         self.batch, self.cache_len, self.pad = batch, cache_len, pad
         self.eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), dtype=torch.long)
         self.cache = StaticCache(config=self.net.config, max_cache_len=cache_len)
@@ -204,21 +218,31 @@ class GreedyDecoder:
         keep = (self.allowed[:, None, :] & causal) | (
             self.slots[None, :] == torch.arange(length, device=ids.device)[:, None]
         )
-        position = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)
+        position = self.prompt_positions(inputs)
+        side = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}  # images, grids
         with compiled_modules(self.prefill_slots, self.compiled):
-            out = self.net.model(
+            out = self.inner(
                 input_ids=ids,
-                pixel_values=inputs.get("pixel_values"),
                 attention_mask=self._additive(keep[:, None]),
                 position_ids=position,
                 use_cache=True,
+                **side,
                 **{self.cache_arg: self.cache},
             )
         first = self.head(out.last_hidden_state[:, -1]).argmax(-1)
         self.token.copy_(first[:, None])
-        self.position.copy_(position[:, -1:] + 1)
+        # The step continues from the last prompt token (a text token: with M-RoPE its three axes are equal).
+        self.position.copy_(position[..., -1:].reshape(-1, ids.shape[0], 1).amax(0) + 1)
         self.slot.fill_(length)
         return first
+
+    def prompt_positions(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The prompt's positions as `generate` computes them: the family's (M-RoPE: (3, batch, length)),
+        else one per unpadded token (padding at 1)."""
+        if self.family.prompt_positions is not None:
+            return self.family.prompt_positions(self.net, inputs)
+        mask = inputs["attention_mask"].bool()
+        return (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)
 
     def _step(self) -> None:
         """One token for every row: reads and advances only the fixed buffers (capturable)."""

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from vlm_inspect.errors import ConfigError, VlmInspectError
+from vlm_inspect.models.families import family_of_model
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -166,9 +167,8 @@ class Fp8Linear(torch.nn.Linear):
 
 def decoder_linears(model: Any) -> list[tuple[torch.nn.Module, str]]:
     """(parent, attribute) of each language-model decoder projection's plain linear, under LoRA too."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     slots = []
-    for layer in base.model.language_model.layers:
+    for layer in family_of_model(model).language_layers(model):
         for block in (getattr(layer, name, None) for name in BLOCKS):
             for name, child in list(block.named_children()) if block is not None else []:
                 if not name.endswith("_proj"):

@@ -24,7 +24,7 @@ from vlm_inspect.data.dataset import IGNORE_INDEX
 from vlm_inspect.folders import ModelFolder, RunFolder
 from vlm_inspect.models.families import family_of_model
 from vlm_inspect.models.family import Family
-from vlm_inspect.models.fast_paths import compile_slots
+from vlm_inspect.models.fast_paths import compile_slots, pack_vision
 from vlm_inspect.training.checkpoints import CompleteThenRotate
 from vlm_inspect.training.memory import Checkpointing, apply_checkpointing, language_layers, optimizer_name
 from vlm_inspect.training.plan import Plan, lr_factor
@@ -286,6 +286,7 @@ def build_trainer(
         total = len(language_layers(model))
         checkpointing = Checkpointing(total if checkpointing else 0, total)
     apply_checkpointing(model, checkpointing)
+    pack_vision(model)  # on CUDA, the Qwen towers' attention as one call per layer (models/qwen_vision.py)
     if use_compile(cfg, next(model.parameters()).device, family_of_model(model)):
         compile_layers(model)
     if cfg.report_to == "tensorboard":

@@ -11,6 +11,7 @@ from vlm_inspect.models.families.chatml import chatml_template, chatml_tokenizer
 from vlm_inspect.models.families.common import save, tiny_text_config, without_video
 from vlm_inspect.models.families.qwen2_5_vl import FAMILY as QWEN2_5_VL
 from vlm_inspect.models.families.qwen2_5_vl import IMAGE_PARTS, set_token_budget
+from vlm_inspect.models.qwen_vision import interpolation_plan
 
 
 def build_tiny(out: str | Path, seed: int = 0) -> Path:
@@ -56,13 +57,19 @@ def build_tiny(out: str | Path, seed: int = 0) -> Path:
     return save(out, model, processor, tok)
 
 
-# Qwen2.5-VL's record (same module paths, side input, token budget and resize) with its own name, box frame and tiny model;
-# compiled training was measured on Qwen2.5-VL only, so it stays off here until measured.
+# Qwen2.5-VL's record (same module paths, side input, token budget, resize, M-RoPE prompt positions and fast
+# paths) with its own name, box frame, tiny model and tower plan (no windows: one packed call per layer instead of one
+# per image). Measured on an H200, Qwen3-VL-8B shape, 1,280 image tokens (benchmarks/README.md, issue 27):
+# the fast paths score 14.3 → 17.4 images/s and describe 0.95 → 2.80/s at batch 1; the packed tower alone
+# does not help this tower (eager forward of 32 photos 2.18 s packed, 2.04 s stock: its per-image calls are
+# already 5,120 tokens long) and is kept because the measured rows ran with it. Compiled training stays off:
+# LoRA at the 24 GB plan ran 2.45 samples/s eager and 1.52/s with compiled layers.
 FAMILY = dataclasses.replace(
     QWEN2_5_VL,
     name="qwen3_vl",
     model_types=("qwen3_vl",),
     box_frame="thousandths",  # Qwen3-VL grounds in 0–1000 of the image, where Qwen2.5-VL used resized pixels
     compile_training=False,
+    vision_plan=interpolation_plan,
     build_tiny=build_tiny,
 )

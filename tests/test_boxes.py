@@ -222,3 +222,70 @@ def test_augmentation_moves_the_box_with_the_defect_and_keeps_it_in_view(seed: i
     assert (moved[2] - moved[0]) <= 1.25 * (shown[2] - shown[0]) + 2 and (moved[3] - moved[1]) <= 1.25 * (
         shown[3] - shown[1]
     ) + 2
+
+
+# ---------------------------------------------------------------- boxes out of the verbs
+
+
+BOXED_ANSWER = (
+    'NG. A spot. [{"bbox_2d": [100, 300, 300, 450], "label": "spot"}, {"bbox_2d": [5, 5, 1, 1], "label": "x"}]'
+)
+# the tiny LLaVA pads a 200 × 100 photo onto a 200 px square (50 px above): thousandths 100..300 × 300..450 of the
+# square are photo pixels 20..60 × 10..40
+
+
+@pytest.fixture
+def boxed_answers(monkeypatch):
+    from vlm_inspect.inference import Predictor
+
+    monkeypatch.setattr(Predictor, "describe", lambda self, images, *a, **k: [BOXED_ANSWER] * len(images))
+
+
+def test_predict_rows_carry_defects_in_the_photos_pixels(tiny_model_dir, tmp_path, boxed_answers):
+    import csv
+    import json
+
+    from typer.testing import CliRunner
+
+    from vlm_inspect.cli import app
+
+    Image.new("RGB", (200, 100), "white").save(tmp_path / "a.png")
+    for out, flag in (("p.jsonl", "--describe"), ("p.csv", "--locate")):
+        args = ["predict", str(tmp_path / "a.png"), "--model", str(tiny_model_dir), "--out", str(tmp_path / out), flag]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "p.jsonl").read_text())
+    assert row["description"] == "NG. A spot." and row["boxes_dropped"] == 1
+    assert row["defects"] == [{"type": "spot", "box": [20.0, 10.0, 60.0, 40.0]}]
+    with (tmp_path / "p.csv").open() as f:
+        cell = next(csv.DictReader(f))
+    assert json.loads(cell["defects"]) == row["defects"] and "description" in cell and cell["description"] == ""
+
+
+def test_serve_answers_defects_on_inspect_and_beside_the_chat_text(tiny_model_dir, boxed_answers, monkeypatch):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from vlm_inspect.config import ModelSettings, ServeConfig
+    from vlm_inspect.inference import Predictor
+    from vlm_inspect.service.app import create_app
+
+    monkeypatch.setattr(Predictor, "generate", lambda self, images, prompts, *a, **k: [BOXED_ANSWER] * len(images))
+    predictor = Predictor.load(ModelSettings(model=str(tiny_model_dir), device="cpu"))
+    buf = io.BytesIO()
+    Image.new("RGB", (200, 100), "white").save(buf, format="PNG")
+    app = create_app(predictor, ServeConfig(model=str(tiny_model_dir)))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        plain = client.post("/v1/inspect", files={"file": ("a.png", buf.getvalue())}).json()
+        located = client.post("/v1/inspect", files={"file": ("a.png", buf.getvalue())}, data={"locate": "true"}).json()
+        uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        message = {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "Any defect?"}],
+        }
+        chat = client.post("/v1/chat/completions", json={"messages": [message]}).json()
+    assert "defects" not in plain  # scoring alone stays one forward pass
+    assert located["defects"] == [{"type": "spot", "box": [20.0, 10.0, 60.0, 40.0]}] and located["boxes_dropped"] == 1
+    assert chat["choices"][0]["message"]["content"] == BOXED_ANSWER and chat["defects"] == located["defects"]

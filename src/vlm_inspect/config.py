@@ -251,15 +251,17 @@ class PredictConfig(ModelSettings):
     out: str = "predictions.jsonl"
     """Output file, .jsonl or .csv."""
     describe: bool = False
-    """Also generate a description of each image."""
+    """Also generate each photo's answer: its description, and the defects it boxes (in the photo's pixels)."""
+    locate: bool = False
+    """Also ask only for the defects' boxes (the run's locate question), for the `defects` column."""
     threshold: float = 0.5
     """p(NG) at or above which a photo is NG."""
     batch_size: int = 8
     """Images per forward pass."""
     question: str | None = None
     """Question asked; default is the first training question."""
-    max_new_tokens: int = 64
-    """Longest description, in tokens."""
+    max_new_tokens: int = 128
+    """Longest generated answer, in tokens (a box takes ~25)."""
     overwrite: bool = False
     """Replace an existing output file."""
 
@@ -282,7 +284,7 @@ class EvaluateConfig(ModelSettings):
     """p(NG) at or above which a photo is NG in the main table."""
     batch_size: int = 8
     """Images per forward pass."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128
     """Longest answer in the gallery, in tokens."""
     gallery_size: int = 48
     """Most images shown with answers in the report."""
@@ -312,7 +314,7 @@ class ServeConfig(LineSettings, ModelSettings):
     """Largest accepted upload."""
     request_timeout_s: float = 120.0
     """A request waiting longer than this fails with 504."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128
     """Longest description, in tokens."""
     station: str | None = None
     """Station folder: record every inspection (photo, verdict, model) there; adds history and review to the page."""

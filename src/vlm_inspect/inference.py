@@ -18,6 +18,7 @@ import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ import torch
 from PIL import Image
 
 from vlm_inspect.config import ModelSettings, TrainConfig
-from vlm_inspect.data.images import square_image
+from vlm_inspect.data.images import model_input_size, square_image
 from vlm_inspect.errors import ModelFolderError
 from vlm_inspect.folders import DatasetFacts, ModelFolder, open_adapter
+from vlm_inspect.models.boxes import View, read_boxes
 from vlm_inspect.models.chat import prompt as render_prompt
 from vlm_inspect.models.families import family_of_model
 from vlm_inspect.models.fast_paths import (
@@ -41,6 +43,20 @@ from vlm_inspect.models.fast_paths import (
 )
 
 VERDICTS = ("OK", "NG")
+MAX_NEW_TOKENS = 128
+"""Longest generated answer by default: a verdict sentence and a few boxes (a box takes ~25 tokens)."""
+
+
+@dataclass
+class Answer:
+    """What a generated answer says about one photo."""
+
+    text: str
+    """The answer without its boxes."""
+    defects: list[dict]
+    """`[{"type": ..., "box": [x0, y0, x1, y1]}]` in the photo's pixels, clamped to the photo."""
+    boxes_dropped: int = 0
+    """Boxes the model wrote that could not be used (unparseable, inverted, off the photo, too many)."""
 
 
 def trained_with(settings: ModelSettings, model: ModelFolder) -> tuple[TrainConfig | None, DatasetFacts]:
@@ -66,6 +82,7 @@ class Predictor:
         image_aspect: str = "pad",
         question: str | None = None,
         settings: ModelSettings | None = None,
+        locate_question: str | None = None,
     ):
         self.model, self.processor, self.name = model, processor, name
         self.has_adapter, self.image_aspect = has_adapter, image_aspect
@@ -75,6 +92,7 @@ class Predictor:
         self.family = family_of_model(model)
         pack_vision(model)  # on CUDA, the Qwen towers' attention as one call per layer (models/qwen_vision.py)
         self.default_question = question or DatasetFacts().default_question()
+        self.locate_question = locate_question or DatasetFacts().locate_wordings()[0]
         self.verdict_ids = verdict_token_ids(self.tokenizer, render_prompt(processor, self.default_question))
         self.lock = threading.Lock()  # one user of the weights at a time (serve runs threads)
         self._decoders: OrderedDict[tuple, GreedyDecoder] = OrderedDict()
@@ -176,10 +194,10 @@ class Predictor:
         self,
         images: Sequence[Image.Image],
         question: str | None = None,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = MAX_NEW_TOKENS,
         batch_size: int = 8,
     ) -> list[str]:
-        """Greedy answers to the question, one per image."""
+        """Greedy answers to the question, one per image, as the model writes them (boxes in its own frame)."""
         prompt = render_prompt(self.processor, question or self.default_question)
         answers: list[str] = []
         for start in range(0, len(images), batch_size):
@@ -187,12 +205,39 @@ class Predictor:
             answers.extend(self.generate(batch, [prompt] * len(batch), max_new_tokens))
         return answers
 
+    def answers(
+        self,
+        images: Sequence[Image.Image],
+        question: str | None = None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        batch_size: int = 8,
+    ) -> list[Answer]:
+        """`describe`, each answer read: its prose, and the defects it boxes in the photo's pixels."""
+        texts = self.describe(images, question, max_new_tokens, batch_size)
+        return [self.read_answer(text, image) for text, image in zip(texts, images, strict=True)]
+
+    def locate(
+        self, images: Sequence[Image.Image], max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8
+    ) -> list[Answer]:
+        """Only the boxes: the answers to the run's locate question (one generation per photo)."""
+        return self.answers(images, self.locate_question, max_new_tokens, batch_size)
+
+    def read_answer(self, text: str, image: Image.Image) -> Answer:
+        """An answer about `image` split into prose and defects, its boxes mapped back to the photo's pixels
+        through the same view the model's input took (models/boxes.py); boxes it wrote badly are counted."""
+        prose, defects, dropped = read_boxes(self.family.box_text, self.view(image.size), text)
+        return Answer(prose, defects, dropped)
+
+    def view(self, photo: tuple[int, int]) -> View:
+        """How a photo of this size reaches the model, and the frame of its answers' boxes."""
+        return self.family.view(self.processor, photo, model_input_size(*photo), self.image_aspect)
+
     @torch.inference_mode()
     def generate(
         self,
         images: Sequence[Image.Image],
         prompts: Sequence[str],
-        max_new_tokens: int = 64,
+        max_new_tokens: int = MAX_NEW_TOKENS,
         temperature: float = 0.0,
     ) -> list[str]:
         """Answers to fully rendered prompts (see models.chat.prompt).
@@ -231,7 +276,7 @@ class Predictor:
         return self._decoders[key]
 
     def stream(
-        self, image: Image.Image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0
+        self, image: Image.Image, prompt: str, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = 0.0
     ) -> Iterator[str]:
         """Text pieces of one answer as they are generated."""
         from transformers import TextIteratorStreamer

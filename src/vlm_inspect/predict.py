@@ -1,5 +1,8 @@
 """`vlm-inspect predict`: score (and describe) photos with a base, tuned or merged model; one row per photo.
 
+Scoring is one forward pass; `--describe` adds each photo's answer and `--locate` asks for its defects' boxes
+alone; either fills `defects` (`[{"type", "box": [x0, y0, x1, y1]}]` in the photo's pixels) and `boxes_dropped`.
+
 Run as: vlm-inspect predict --model M [--adapter A] PHOTOS... --out preds.jsonl
 """
 
@@ -69,12 +72,16 @@ def _predict_batch(predictor: Predictor, paths: list[Path], cfg: PredictConfig, 
         return rows
     start = time.perf_counter()
     p_ng = predictor.score(images, cfg.question, batch_size=len(images))
-    answers = predictor.describe(images, cfg.question, cfg.max_new_tokens, len(images)) if cfg.describe else None
+    answers = predictor.answers(images, cfg.question, cfg.max_new_tokens, len(images)) if cfg.describe else None
+    located = predictor.locate(images, cfg.max_new_tokens, len(images)) if cfg.locate else None
     ms = 1000 * (time.perf_counter() - start) / len(images)
     for i, row in enumerate(good):
         row.update(verdict="NG" if p_ng[i] >= cfg.threshold else "OK", p_ng=round(p_ng[i], 6), ms=round(ms, 1))
         if answers is not None:
-            row["description"] = answers[i]
+            row["description"] = answers[i].text
+        boxed = located[i] if located is not None else answers[i] if answers is not None else None
+        if boxed is not None:  # boxes in the photo's pixels; the locate answer's when asked for
+            row.update(defects=boxed.defects, boxes_dropped=boxed.boxes_dropped)
     return rows
 
 
@@ -83,15 +90,20 @@ def write_rows(rows: list[dict], out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     if out.suffix == ".csv":
-        fields = ["path", "verdict", "p_ng", "description", "ms", "error"]
+        fields = ["path", "verdict", "p_ng", "description", "defects", "boxes_dropped", "ms", "error"]
         with tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)
+            writer.writerows({k: spreadsheet_safe(_cell(v)) for k, v in row.items()} for row in rows)
     else:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, out)
     return out
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell: the defects list as its JSON text."""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, list) else value
 
 
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")

@@ -41,6 +41,8 @@ from vlm_inspect.service.line_routes import line_router
 from vlm_inspect.service.openai import ChatRequest, completion, conversation, stream_response
 from vlm_inspect.service.station_routes import Recorder, station_router
 
+ASKED = ("describe", "locate")
+"""What /v1/inspect generates on request besides the one-pass score."""
 # Larger than any line camera's frame (a 50 MP photo decodes to 150 MB); refused before decoding.
 MAX_IMAGE_PIXELS = 50_000_000
 # JSON carries the image as base64 (4/3 of its size) plus some text around it.
@@ -54,6 +56,7 @@ class _InspectJSON(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image: str
     describe: bool = False
+    locate: bool = False
     threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
 
 
@@ -116,16 +119,14 @@ def _add_api_routes(app: FastAPI, predictor: Any, cfg: ServeConfig, max_upload: 
     @app.post("/v1/inspect", dependencies=auth)
     async def inspect(request: Request) -> dict:
         started = time.perf_counter()
-        data, describe, threshold = await _read_inspect_request(request, max_upload)
+        data, asked, threshold = await _read_inspect_request(request, max_upload)
         threshold = cfg.threshold if threshold is None else threshold
         image = await _decode(data, "upload", decode_slots)
         batcher: Batcher = request.app.state.batcher
         p_ng = await until_client_leaves(request, batcher.score(image))
         answer: dict[str, Any] = {"verdict": "NG" if p_ng >= threshold else "OK", "p_ng": p_ng, "threshold": threshold}
-        if describe:
-            work = batcher.call(lambda: predictor.describe([image], max_new_tokens=cfg.max_new_tokens))
-            texts = await until_client_leaves(request, work)
-            answer["description"] = texts[0]
+        if asked:  # describe and/or locate: generated answers, their boxes in the upload's pixels
+            answer |= await until_client_leaves(request, batcher.call(lambda: _answered(predictor, image, asked, cfg)))
         answer["model"] = predictor.name
         answer["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
         await recorder.inspected(request, data, image, answer)
@@ -148,7 +149,7 @@ def _add_api_routes(app: FastAPI, predictor: Any, cfg: ServeConfig, max_upload: 
         work = batcher.call(lambda: predictor.generate([image], [prompt], max_new, req.temperature))
         texts = await until_client_leaves(request, work)
         await recorder.chatted(data, image, texts[0], started)
-        return completion(texts[0], predictor.name)
+        return completion(texts[0], predictor.name, predictor.read_answer(texts[0], image).defects)
 
 
 def _add_page_routes(app: FastAPI) -> None:
@@ -176,8 +177,9 @@ def _model_card(predictor: Any) -> dict:
 # ---------------------------------------------------------------- reading requests
 
 
-async def _read_inspect_request(request: Request, max_upload: int) -> tuple[bytes, bool, float | None]:
-    """(image bytes, describe, threshold) from a multipart upload or a JSON body."""
+async def _read_inspect_request(request: Request, max_upload: int) -> tuple[bytes, set[str], float | None]:
+    """(image bytes, what to generate besides the score: {"describe", "locate"}, threshold) from a multipart
+    upload or a JSON body."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     query = request.query_params
     if content_type == "multipart/form-data":
@@ -187,12 +189,12 @@ async def _read_inspect_request(request: Request, max_upload: int) -> tuple[byte
                 raise ApiError(400, "multipart upload needs the photo in a file field named 'file'")
             data = await upload.read(max_upload + 1)
             fields = {**query, **{k: v for k, v in form.items() if isinstance(v, str)}}
-        describe = _parse_bool("describe", fields.get("describe", "false"))
+        asked = {name for name in ASKED if _parse_bool(name, fields.get(name, "false"))}
         threshold = _parse_threshold(fields.get("threshold"))
     elif content_type == "application/json":
         body = validate_body(_InspectJSON, await read_json(request))
         data = base64_image(body.image, "image")
-        describe = body.describe or _parse_bool("describe", query.get("describe", "false"))
+        asked = {name for name in ASKED if getattr(body, name) or _parse_bool(name, query.get(name, "false"))}
         threshold = body.threshold if body.threshold is not None else _parse_threshold(query.get("threshold"))
     else:
         raise ApiError(
@@ -201,7 +203,20 @@ async def _read_inspect_request(request: Request, max_upload: int) -> tuple[byte
             'field, or application/json {"image": "<base64>"}',
         )
     check_size(data, max_upload)
-    return data, describe, threshold
+    return data, asked, threshold
+
+
+def _answered(predictor: Any, image: Image.Image, asked: set[str], cfg: ServeConfig) -> dict[str, Any]:
+    """The generated part of an inspection: the description (boxes taken out), and the defects in the photo's
+    pixels, from the locate answer when asked for, else from the description."""
+    out: dict[str, Any] = {}
+    if "describe" in asked:
+        described = predictor.answers([image], max_new_tokens=cfg.max_new_tokens)[0]
+        out.update(description=described.text, defects=described.defects, boxes_dropped=described.boxes_dropped)
+    if "locate" in asked:
+        located = predictor.locate([image], max_new_tokens=cfg.max_new_tokens)[0]
+        out.update(defects=located.defects, boxes_dropped=located.boxes_dropped)
+    return out
 
 
 def _parse_bool(name: str, value: str) -> bool:

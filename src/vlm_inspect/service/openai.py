@@ -99,13 +99,16 @@ def _image_url_bytes(url: str) -> bytes:
     return base64_image(url, "image_url")
 
 
-def completion(text: str, model: str) -> dict:
+def completion(text: str, model: str, defects: list[dict]) -> dict:
+    """A chat completion: the model's words as they are, and beside them (`defects`, which OpenAI clients pass
+    through) the boxes those words hold, in the photo's pixels."""
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "defects": defects,
     }
 
 

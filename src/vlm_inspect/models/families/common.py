@@ -38,7 +38,7 @@ PAD_TOKEN = "<pad>"
 
 
 def build_tokenizer(
-    vocab_size: int = 600,
+    vocab_size: int = 720,
     specials: tuple[str, ...] = (IMAGE_TOKEN,),
     eos: str = "</s>",
     add_bos: bool = True,

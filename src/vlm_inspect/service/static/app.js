@@ -3,7 +3,7 @@
 
 const TEXT = {
   en: {
-    title: "Visual inspection", describe: "Describe defects", apiKey: "API key",
+    title: "Visual inspection", describe: "Describe defects", locate: "Box defects", apiKey: "API key",
     drop: "Drop photos here, or click to choose", dropHint: "One or many photos; each gets an OK/NG verdict.",
     total: "Total", ok: "OK", ng: "NG", ngRate: "NG rate", errors: "Errors", export: "Export CSV", clear: "Clear",
     png: "p(NG)", pass: "Pass", fail: "Reject", error: "Error", waiting: "Inspecting…",
@@ -11,7 +11,7 @@ const TEXT = {
     nothing: "Nothing to export yet.", threshold: "threshold", lang: "中文", history: "History",
   },
   zh: {
-    title: "外观检测", describe: "描述缺陷", apiKey: "API 密钥",
+    title: "外观检测", describe: "描述缺陷", locate: "框出缺陷", apiKey: "API 密钥",
     drop: "将照片拖放到此处，或点击选择", dropHint: "可一次选择多张照片，每张给出 OK/NG 判定。",
     total: "总数", ok: "合格 OK", ng: "不合格 NG", ngRate: "不良率", errors: "错误", export: "导出 CSV", clear: "清空",
     png: "NG 概率", pass: "合格", fail: "不合格", error: "错误", waiting: "检测中…",
@@ -69,6 +69,7 @@ async function inspect(row) {
   const form = new FormData();
   form.append("file", row.file, row.name);
   form.append("describe", $("describe").checked ? "true" : "false");
+  form.append("locate", $("locate").checked ? "true" : "false");
   // A station server records where the photo came from and its name.
   const headers = { "X-Inspect-Source": "page", "X-Inspect-File": encodeURIComponent(row.name) };
   const key = $("api-key").value.trim();
@@ -105,9 +106,30 @@ function render(row) {
     card.querySelector(".p").textContent = row.p_ng.toFixed(3);
     card.querySelector(".bar i").style.width = `${Math.round(row.p_ng * 100)}%`;
     card.querySelector(".desc").textContent = row.description || "";
+    drawBoxes(card.querySelector(".photo"), row.defects || []);
     meta.textContent = `${row.verdict === "NG" ? t("fail") : t("pass")} · ${t("threshold")} ${row.threshold} · ${Math.round(row.latency_ms)} ms`;
     if (row.record_id) meta.textContent += ` · #${row.record_id}`;
   }
+}
+
+// Each defect's box over the photo, in % of the photo's own pixels (the server answers in those).
+function drawBoxes(photo, defects) {
+  photo.querySelectorAll(".box").forEach((el) => el.remove());
+  const img = photo.querySelector("img");
+  const place = () => {
+    const [w, h] = [img.naturalWidth, img.naturalHeight];
+    if (!w || !h) return;
+    for (const d of defects) {
+      const [x0, y0, x1, y1] = d.box;
+      const box = document.createElement("span");
+      box.className = "box";
+      box.title = d.type || "";
+      Object.assign(box.style, { left: `${(100 * x0) / w}%`, top: `${(100 * y0) / h}%`,
+        width: `${(100 * (x1 - x0)) / w}%`, height: `${(100 * (y1 - y0)) / h}%` });
+      photo.append(box);
+    }
+  };
+  if (img.complete) place(); else img.addEventListener("load", place, { once: true });
 }
 
 function updateTally() {
@@ -121,14 +143,14 @@ function updateTally() {
 }
 
 function csvCell(value) {
-  let text = value === undefined || value === null ? "" : String(value);
+  let text = value === undefined || value === null ? "" : typeof value === "object" ? JSON.stringify(value) : String(value);
   if (/^[=+\-@\t\r]/.test(text)) text = "'" + text; // keep spreadsheets from running it as a formula
   return /[",\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
 }
 
 function exportCsv() {
   if (!state.rows.length) { showNotice(t("nothing")); return; }
-  const head = ["file", "verdict", "p_ng", "threshold", "description", "model", "latency_ms", "time", "error"];
+  const head = ["file", "verdict", "p_ng", "threshold", "description", "defects", "model", "latency_ms", "time", "error"];
   const lines = [head.join(",")].concat(state.rows.map((r) => head.map((k) => csvCell(k === "file" ? r.name : r[k])).join(",")));
   // The byte-order mark makes Excel read the Chinese text as UTF-8.
   const blob = new Blob(["\ufeff" + lines.join("\r\n") + "\r\n"], { type: "text/csv;charset=utf-8" });

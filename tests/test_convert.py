@@ -32,7 +32,6 @@ from vlm_inspect.errors import ConfigError, ModelFolderError, OutputExistsError
 from vlm_inspect.models.adapter import attach_adapter
 from vlm_inspect.models.families.common import build_tokenizer
 
-ORIGINAL_VOCAB = 600  # the tiny tokenizer's vocabulary before <pad> and <image> are added
 QUESTION = "Is the box OK or defective?"
 
 # ------------------------------------------------------------------ building original layouts
@@ -50,6 +49,9 @@ def original_tokenizer() -> PreTrainedTokenizerFast:
         pad_token="<unk>",
         padding_side="right",
     )
+
+
+ORIGINAL_VOCAB = len(original_tokenizer())  # the tiny tokenizer's vocabulary before <pad> and <image> are added
 
 
 def original_tensors(tiny: LlavaForConditionalGeneration) -> dict[str, torch.Tensor]:
@@ -237,18 +239,23 @@ def test_converted_model_gives_the_logits_of_the_original_tensors(converted: Pat
 
 def test_converted_folder_has_the_llava_hf_layout(converted: Path, originals):
     config = json.loads((converted / "config.json").read_text())
-    assert config["model_type"] == "llava" and config["text_config"]["vocab_size"] == 640
+    assert (
+        config["model_type"] == "llava" and config["text_config"]["vocab_size"] == -(-(ORIGINAL_VOCAB + 2) // 64) * 64
+    )
     assert (config["image_token_index"], config["pad_token_id"]) == (ORIGINAL_VOCAB, ORIGINAL_VOCAB + 1)
     assert config["vision_feature_layer"] == -2 and config["vision_feature_select_strategy"] == "default"
     assert config["image_seq_length"] == 64 and config["text_config"]["rope_parameters"]["rope_theta"] == 10000.0
     processor = AutoProcessor.from_pretrained(converted)
     tok = processor.tokenizer
-    assert tok.convert_tokens_to_ids(["<image>", "<pad>"]) == [600, 601] and tok.pad_token == "<pad>"
+    assert (
+        tok.convert_tokens_to_ids(["<image>", "<pad>"]) == [ORIGINAL_VOCAB, ORIGINAL_VOCAB + 1]
+        and tok.pad_token == "<pad>"
+    )
     assert processor.image_processor.crop_size == {"height": 64, "width": 64}
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     assert processor.apply_chat_template(messages, add_generation_prompt=True) == render_prompt(QUESTION)
     inputs = processor(images=probe_image(), text=render_prompt(QUESTION), return_tensors="pt")
-    assert int((inputs["input_ids"] == 600).sum()) == 64
+    assert int((inputs["input_ids"] == ORIGINAL_VOCAB).sum()) == 64
     assert (converted / "config.yaml").exists()
     assert [p.name for p in converted.parent.iterdir()] == [converted.name]  # no temporary sibling left
 
@@ -257,11 +264,12 @@ def test_new_embedding_rows_sit_near_the_mean_and_are_seeded(converted: Path):
     weights = load_file(str(converted / "model.safetensors"))
     embed = next(v for k, v in weights.items() if k.endswith("embed_tokens.weight"))
     old, new = embed[:ORIGINAL_VOCAB], embed[ORIGINAL_VOCAB:]
-    assert new.shape[0] == 40 and not torch.isnan(new).any()
+    assert new.shape[0] == -(-(ORIGINAL_VOCAB + 2) // 64) * 64 - ORIGINAL_VOCAB and not torch.isnan(new).any()
     mean = old.mean(0)
     assert (new - mean).norm(dim=1).max() < 0.1 * (old - mean).norm(dim=1).median()
-    assert torch.equal(grow_rows(old, 640), grow_rows(old, 640))
-    assert not torch.equal(grow_rows(old, 640, seed=1), grow_rows(old, 640))
+    rows = len(embed)
+    assert torch.equal(grow_rows(old, rows), grow_rows(old, rows))
+    assert not torch.equal(grow_rows(old, rows, seed=1), grow_rows(old, rows))
 
 
 def test_safetensors_original_and_vision_only_clip_convert_to_the_same_weights(tmp_path, tiny, converted):
@@ -501,7 +509,7 @@ def test_mismatched_lora_runs_name_the_file_and_tensors(tmp_path, tiny, tiny_mod
     elif case == "projector part":
         projector = _without(projector, "base_model.model.model.mm_projector.2.bias")
     elif case == "other trainable":
-        projector["base_model.model.model.embed_tokens.weight"] = torch.zeros(600, 96)
+        projector["base_model.model.model.embed_tokens.weight"] = torch.zeros(ORIGINAL_VOCAB, 96)
     run = write_original_lora(tmp_path / "run", lora, projector)
     if case == "no projector file":
         (run / "non_lora_trainables.bin").unlink()

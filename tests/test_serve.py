@@ -29,6 +29,7 @@ from conftest import CHROMIUM, CHROMIUM_FLAGS  # noqa: E402
 from helpers import llava_prompt as render_prompt  # noqa: E402
 from vlm_inspect.config import ModelSettings, ServeConfig  # noqa: E402
 from vlm_inspect.errors import ConfigError  # noqa: E402
+from vlm_inspect.inference import Answer  # noqa: E402
 from vlm_inspect.serve import check_serve_config
 from vlm_inspect.service.app import create_app  # noqa: E402
 
@@ -65,6 +66,16 @@ class FakePredictor:
     def describe(self, images, question=None, max_new_tokens=64, batch_size=8):
         self._enter()
         return [f"a {img.width}x{img.height} photo" for img in images]
+
+    def answers(self, images, question=None, max_new_tokens=64, batch_size=8):
+        return [self.read_answer(text, None) for text in self.describe(images, question, max_new_tokens, batch_size)]
+
+    def locate(self, images, max_new_tokens=64, batch_size=8):
+        self._enter()
+        return [Answer("", [], 0) for _ in images]
+
+    def read_answer(self, text, image):
+        return Answer(text, [], 0)
 
     def prompt(self, question, history=None):
         return render_prompt(question, history)

@@ -63,12 +63,12 @@ def test_evaluate_compare_scores_with_the_verbs_precision_and_image_budget(
         out=str(tmp_path / "report"),
         device="cpu",
         precision="fp32",
-        image_max_tokens=BUDGET,
+        image_max_tokens=48,  # not the run's 32: every model compared must see photos at this budget
         compare=[f"{base},{qwen_run}"],
         gallery_size=0,
     )
     evaluate(cfg)
-    assert [(s.precision, s.image_max_tokens, s.device) for s in loads] == [("fp32", BUDGET, "cpu")] * 2
+    assert [(s.precision, s.image_max_tokens, s.device) for s in loads] == [("fp32", 48, "cpu")] * 2
     rows = json.loads((tmp_path / "report" / "results.json").read_text())["comparison"]
     assert rows[2]["key"] == "compare-1" and rows[2]["view"]["photo"] == rows[0]["view"]["photo"]
 

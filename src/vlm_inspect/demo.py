@@ -198,7 +198,7 @@ def demo(cfg: DemoConfig) -> Path:
 
 
 def write_caption_dataset(out: Path, size: DemoSize, seed: int) -> tuple[Path, list[np.ndarray | None]]:
-    """Photos with one-sentence captions in LLaVA JSON; no caption says OK or NG.
+    """Photos with one-sentence captions in LLaVA JSON, each mark boxed; no caption says OK or NG.
 
     Returns the JSON file and, per photo, the share of each pixel its mark covers (None for a clean box).
     """
@@ -224,6 +224,8 @@ def write_caption_dataset(out: Path, size: DemoSize, seed: int) -> tuple[Path, l
                     {"from": "human", "value": "<image>\nDescribe the photo."},
                     {"from": "gpt", "value": caption},
                 ],
+                # The mark's box: `train` writes it into the caption, and asks for it alone (models/boxes.py).
+                "defects": [{"type": d["type"], "box": d["box"]} for d in defects],
             }
         )
     (out / "train.json").write_text(json.dumps(samples, indent=1), encoding="utf-8")

@@ -126,6 +126,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.locate_questions = locate_questions if any(boxed_defects(s) for s in samples) else ()
         self.epoch = 0  # set by the trainer callback so augmentation is reproducible on resume
         self.turns = [conversation_turns(s) for s in samples]
+        # Each sample's conversation as its photo is on disk; only a boxed photo that augmentation moves needs
+        # another (rendering and tokenizing it again doubled the time per item of the demo's caption stage).
+        self.conversations: list[Conversation] = []
         self.lengths = [self._estimated_length(i) for i in range(len(samples))]
         too_long = [
             f"{s.get('id', i)} ({n} tokens)"
@@ -144,6 +147,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         with Image.open(self.image_root / sample["image"]) as image:
             width, height = exif_size(image)
         conv = self.conversation(index, boxed_defects(sample), (width, height))
+        self.conversations.append(conv)
         if self.image_aspect == "pad":
             width, height = (max(model_input_size(width, height)),) * 2
         counted = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
@@ -169,11 +173,12 @@ class ConversationDataset(torch.utils.data.Dataset):
         sample = self.samples[index]
         image = load_image(self.image_root / sample["image"])
         boxes = boxed_defects(sample)
+        conv = self.conversations[index]
         if self.augment:
             rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
             image, moved = augment_image(image, [box for _, box in boxes], rng)
             boxes = [(label, box) for (label, _), box in zip(boxes, moved, strict=True)]
-        conv = self.conversation(index, boxes, image.size)
+            conv = self.conversation(index, boxes, image.size) if boxes else conv
         image = square_image(image, self.processor.image_processor.image_mean, self.image_aspect)
         inputs = self.processor(images=[[image]], text=[conv.text], return_tensors="pt")
         ids = inputs["input_ids"][0]

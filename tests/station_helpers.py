@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from vlm_inspect.inference import Answer
+
 PG_URL_ENV = "VLM_INSPECT_TEST_PG_URL"
 """A PostgreSQL URL to test against instead of starting a throwaway server (e.g. one .ci/run started)."""
 
@@ -44,6 +46,13 @@ class DarknessModel:
 
     def describe(self, images, question=None, max_new_tokens=64, batch_size=8):
         return ["a dark photo"] * len(images)
+
+    def answers(self, images, question=None, max_new_tokens=64, batch_size=8):
+        return [Answer(text, [], 0) for text in self.describe(images, question, max_new_tokens, batch_size)]
+
+    def locate(self, images, max_new_tokens=64, batch_size=8):
+        """A box over the darkest quarter: the top left one, in the photo's pixels."""
+        return [Answer(None, [{"type": "dark", "box": [0.0, 0.0, img.width / 2, img.height / 2]}], 1) for img in images]
 
 
 def _pg_bin() -> Path | None:

@@ -126,3 +126,21 @@ def test_watch_command_once_with_the_tiny_model(tmp_path: Path, tiny_model_dir: 
     rows = all_records(open_store(station), HistoryFilter())
     assert len(rows) == 2 and {r["model"] for r in rows} == {"tiny-llava"} and all(r["model_hash"] for r in rows)
     assert all(0.0 <= r["p_ng"] <= 1.0 for r in rows) and len(list(folder.glob("*.result.json"))) == 2
+
+
+def test_locate_records_the_models_boxes_and_answers_them_in_the_result_file(tmp_path: Path):
+    folder, station = make_folder(tmp_path), tmp_path / "station"
+    watched = watcher(folder, station, sort="result-file", locate=True, once=True)
+    watched.run()
+    rows = {r["file"]: r for r in all_records(watched.store, HistoryFilter())}
+    box = {"type": "dark", "box": [0.0, 0.0, 48.0, 36.0]}  # DarknessModel boxes the top-left quarter of a 96 × 72 photo
+    assert rows["cam-2.png"]["defects"] == [box] and rows["cam-2.png"]["boxes_dropped"] == 1
+    assert rows["cam-0.png"]["defects"] is None  # an OK photo is not asked for boxes
+    answered = json.loads((folder / "cam-2.png.result.json").read_text())
+    assert answered["verdict"] == "NG" and answered["defects"] == [box]
+    (folder / "cam-2.png.result.json").unlink()
+    again = watcher(folder, station, sort="result-file", locate=True, once=True)  # a restart re-answers from the record
+    again.run()
+    assert again.predictor.scored == 0 and json.loads((folder / "cam-2.png.result.json").read_text())["defects"] == [
+        box
+    ]

@@ -359,7 +359,9 @@ class WatchConfig(LineSettings, ModelSettings):
     threshold: float = 0.5
     """p(NG) at or above which a photo is NG."""
     describe: bool = False
-    """Also describe each NG photo (slower)."""
+    """Also describe each NG photo and record the defects its answer boxes (slower)."""
+    locate: bool = False
+    """Also ask each NG photo for its defects' boxes alone (recorded, and in the result file)."""
     poll_s: float = 1.0
     """Seconds between looks at the folder; a file is read once its size and time stay the same for one poll."""
     once: bool = False

@@ -51,8 +51,8 @@ MAX_NEW_TOKENS = 128
 class Answer:
     """What a generated answer says about one photo."""
 
-    text: str
-    """The answer without its boxes."""
+    text: str | None
+    """The answer without its boxes (None when only the boxes were asked for)."""
     defects: list[dict]
     """`[{"type": ..., "box": [x0, y0, x1, y1]}]` in the photo's pixels, clamped to the photo."""
     boxes_dropped: int = 0

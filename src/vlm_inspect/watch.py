@@ -23,7 +23,7 @@ from rich.console import Console
 from vlm_inspect.config import WatchConfig, require
 from vlm_inspect.data.images import IMAGE_SUFFIXES, load_image
 from vlm_inspect.errors import ConfigError, DataError
-from vlm_inspect.inference import Predictor
+from vlm_inspect.inference import Answer, Predictor
 from vlm_inspect.station.baselines import keep_report, read_report
 from vlm_inspect.station.identity import model_identity
 from vlm_inspect.station.line_settings import LineSettings, line_problems
@@ -144,7 +144,7 @@ class Watcher:
         for item in batch:
             recorded = self.store.find_key(item.key)
             if recorded is not None:  # inspected before a restart, or by another watcher
-                self._finish(item, recorded.verdict, recorded.p_ng, recorded.id)
+                self._finish(item, recorded.verdict, recorded.p_ng, recorded.id, _defects(recorded))
                 continue
             loaded = self._load(item)
             if loaded is not None:
@@ -155,9 +155,9 @@ class Watcher:
             return 0
         started = time.perf_counter()
         scores = self.predictor.score(images, batch_size=self.cfg.batch_size)
-        texts = self._describe(images, scores)
+        answers = self._describe(images, scores)
         latency = (time.perf_counter() - started) * 1000 / len(todo)
-        for item, data, image, p_ng, text in zip(todo, blobs, images, scores, texts, strict=True):
+        for item, data, image, p_ng, answer in zip(todo, blobs, images, scores, answers, strict=True):
             verdict = "NG" if p_ng >= self.cfg.threshold else "OK"
             record_id = self.store.record(
                 data,
@@ -168,17 +168,20 @@ class Watcher:
                 verdict=verdict,
                 p_ng=p_ng,
                 threshold=self.cfg.threshold,
-                description=text,
+                description=answer.text if answer else None,
+                defects=answer.defects if answer else None,
+                boxes_dropped=answer.boxes_dropped if answer else None,
                 model_name=self.predictor.name,
                 model_hash=self.model_hash,
                 latency_ms=round(latency, 1),
                 line=self.line,
             )
             self.monitor.answered(self.line, self.predictor.name, verdict, latency)
+            defects = answer.defects if answer else None
             if record_id is None:  # another watcher recorded it first: its verdict stands
                 recorded = self.store.find_key(item.key)
-                verdict, p_ng, record_id = recorded.verdict, recorded.p_ng, recorded.id
-            self._finish(item, verdict, p_ng, record_id)
+                verdict, p_ng, record_id, defects = recorded.verdict, recorded.p_ng, recorded.id, _defects(recorded)
+            self._finish(item, verdict, p_ng, record_id, defects)
         self.monitor.maybe_check()
         return len(todo)
 
@@ -193,24 +196,30 @@ class Watcher:
             self.done.add(item.key)  # not retried until the file changes
             return None
 
-    def _describe(self, images: list[Any], scores: list[float]) -> list[str | None]:
-        texts: list[str | None] = [None] * len(images)
-        if not self.cfg.describe:
-            return texts
+    def _describe(self, images: list[Any], scores: list[float]) -> list[Answer | None]:
+        """The NG photos' answers, when asked: the description and the defects it boxes (`describe`), or the
+        boxes alone (`locate`, which also keeps the description when both are asked)."""
+        answers: list[Answer | None] = [None] * len(images)
         ng = [i for i, p in enumerate(scores) if p >= self.cfg.threshold]
-        if ng:
-            for i, text in zip(ng, self.predictor.describe([images[i] for i in ng]), strict=True):
-                texts[i] = text
-        return texts
+        if not ng or not (self.cfg.describe or self.cfg.locate):
+            return answers
+        photos = [images[i] for i in ng]
+        described = self.predictor.answers(photos) if self.cfg.describe else [None] * len(ng)
+        located = self.predictor.locate(photos) if self.cfg.locate else described
+        for i, text, boxes in zip(ng, described, located, strict=True):
+            answers[i] = Answer(text.text if text else None, boxes.defects, boxes.boxes_dropped)
+        return answers
 
-    def _finish(self, item: _Ready, verdict: str, p_ng: float | None, record_id: int) -> None:
+    def _finish(
+        self, item: _Ready, verdict: str, p_ng: float | None, record_id: int, defects: list[dict] | None = None
+    ) -> None:
         """Move or answer the photo as asked; safe to repeat after a crash."""
         self.done.add(item.key)
         where = ""
         if self.cfg.sort == "move":
             where = self._move(item.path, verdict)
         elif self.cfg.sort == "result-file":
-            where = self._answer(item.path, verdict, p_ng, record_id)
+            where = self._answer(item.path, verdict, p_ng, record_id, defects)
         console.print(f"{verdict} {p_ng if p_ng is not None else 0:.3f}  {item.path.name}{where}", highlight=False)
 
     def _move(self, path: Path, verdict: str) -> str:
@@ -227,13 +236,20 @@ class Watcher:
             return "  (already moved)"
         return f"  -> {target.relative_to(self.folder)}"
 
-    def _answer(self, path: Path, verdict: str, p_ng: float | None, record_id: int) -> str:
+    def _answer(self, path: Path, verdict: str, p_ng: float | None, record_id: int, defects: list[dict] | None) -> str:
         result = path.with_name(path.name + RESULT_SUFFIX)
         if result.exists():
             return f"  ({result.name} already written)"
         body = {"file": path.name, "verdict": verdict, "p_ng": p_ng, "threshold": self.cfg.threshold}
         body |= {"model": self.predictor.name, "record_id": record_id}
+        if defects is not None:
+            body["defects"] = defects
         tmp = result.with_name(f".{result.name}.tmp")
         tmp.write_text(json.dumps(body, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, result)
         return f"  -> {result.name}"
+
+
+def _defects(recorded: Any) -> list[dict] | None:
+    """The boxes an earlier inspection recorded (the photo's pixels), or None."""
+    return json.loads(recorded.defects_json) if recorded.defects_json else None

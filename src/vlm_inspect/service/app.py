@@ -148,8 +148,9 @@ def _add_api_routes(app: FastAPI, predictor: Any, cfg: ServeConfig, max_upload: 
             )
         work = batcher.call(lambda: predictor.generate([image], [prompt], max_new, req.temperature))
         texts = await until_client_leaves(request, work)
-        await recorder.chatted(data, image, texts[0], started)
-        return completion(texts[0], predictor.name, predictor.read_answer(texts[0], image).defects)
+        defects = predictor.read_answer(texts[0], image).defects
+        await recorder.chatted(data, image, texts[0], started, defects)
+        return completion(texts[0], predictor.name, defects)
 
 
 def _add_page_routes(app: FastAPI) -> None:

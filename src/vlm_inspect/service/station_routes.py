@@ -75,12 +75,20 @@ class Recorder:
         self.monitor.answered(self.line or source, self.model_name, answer["verdict"], answer.get("latency_ms"))
         if self.store is None:
             return
-        fields = {k: answer.get(k) for k in ("verdict", "p_ng", "threshold", "description", "latency_ms")}
+        kept = ("verdict", "p_ng", "threshold", "description", "latency_ms", "defects", "boxes_dropped")
+        fields = {k: answer.get(k) for k in kept}
         answer["record_id"] = await self._record(data, image, _upload_name(request), source, fields)
 
-    async def chatted(self, data: bytes, image: Image.Image, text: str, started: float) -> None:
-        """Record an OpenAI-route answer about an image: the verdict it starts with, and the text."""
-        fields = {"verdict": parse_verdict(text), "description": text, "latency_ms": _since(started)}
+    async def chatted(
+        self, data: bytes, image: Image.Image, text: str, started: float, defects: list[dict] | None = None
+    ) -> None:
+        """Record an OpenAI-route answer about an image: the verdict it starts with, the text and its boxes."""
+        fields = {
+            "verdict": parse_verdict(text),
+            "description": text,
+            "latency_ms": _since(started),
+            "defects": defects,
+        }
         self.monitor.answered(self.line or "chat", self.model_name, fields["verdict"], fields["latency_ms"])
         if self.store is None:
             return

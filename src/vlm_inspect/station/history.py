@@ -27,7 +27,7 @@ REVIEW_STATES = ("unreviewed", "reviewed", "confirmed", "corrected", "labelled")
 CSV_COLUMNS = (
     "id", "time", "file", "source", "verdict", "p_ng", "threshold", "model", "model_hash", "latency_ms",
     "description", "review", "final_verdict", "defect_type", "boxes", "operator", "review_description", "photo_sha256",
-    "line",
+    "line", "model_defects",
 )  # fmt: skip
 MAX_LIMIT = 1000
 
@@ -171,6 +171,8 @@ def as_dict(inspection: Inspection, review: Review | None, photo: Photo) -> dict
         "p_ng": inspection.p_ng,
         "threshold": inspection.threshold,
         "description": inspection.description,
+        "defects": json.loads(inspection.defects_json) if inspection.defects_json else None,
+        "boxes_dropped": inspection.boxes_dropped,
         "model": inspection.model_name,
         "model_hash": inspection.model_hash,
         "latency_ms": inspection.latency_ms,
@@ -223,6 +225,7 @@ def csv_text(records: list[dict]) -> str:
             "boxes": json.dumps(latest.get("boxes")) if latest.get("boxes") else "",
             "operator": latest.get("operator"),
             "review_description": latest.get("description"),
+            "model_defects": json.dumps(record["defects"], ensure_ascii=False) if record["defects"] else "",
         }
         writer.writerow([_cell(values.get(c)) for c in CSV_COLUMNS])
     return "\ufeff" + buf.getvalue()

@@ -61,6 +61,11 @@ class Inspection(Base):
     """|p(NG) − threshold|: how unsure the verdict was (the least-sure review queue reads it)."""
     audit_u: Mapped[float | None] = mapped_column(Float, index=True)
     """The inspection's place in [0, 1) for the random audit sample (station/audit.py)."""
+    defects_json: Mapped[str | None] = mapped_column(Text)
+    """The defects the model's answer boxed: JSON `[{"type", "box": [x0, y0, x1, y1]}]` in the photo's pixels;
+    NULL when no box was asked for (scoring alone)."""
+    boxes_dropped: Mapped[int | None] = mapped_column(Integer)
+    """Boxes the model wrote that could not be used (unparseable, inverted, off the photo, too many)."""
     __table_args__ = (Index("ix_inspections_model_hash_line_id", "model_hash", "line", "id"),)
 
 

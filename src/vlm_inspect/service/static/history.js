@@ -5,7 +5,7 @@
 const PAGE = 50;
 const state = {
   label: new URLSearchParams(location.search).has("label"),
-  offset: 0, total: 0, ids: [], record: null, verdict: null, boxes: [], drag: null, photoUrl: null,
+  offset: 0, total: 0, ids: [], record: null, verdict: null, boxes: [], modelBoxes: [], drag: null, photoUrl: null,
 };
 const $ = (id) => document.getElementById(id);
 
@@ -101,8 +101,12 @@ async function openRecord(id) {
     state.record = record;
     const latest = record.latest_review;
     state.verdict = latest ? latest.verdict : record.verdict;
-    state.boxes = latest ? latest.boxes.map((b) => b.slice()) : [];
-    $("defect-type").value = latest?.defect_type || "";
+    // The model's boxes stay in view (dashed); an unreviewed NG record's review starts from them, to accept,
+    // move (drag one), delete (click one) or add to (drag on the photo).
+    state.modelBoxes = (record.defects || []).map((d) => d.box.slice());
+    const start = latest ? latest.boxes : record.verdict === "NG" ? state.modelBoxes : [];
+    state.boxes = start.map((b) => b.map((v) => Math.round(v)));
+    $("defect-type").value = latest?.defect_type || (latest ? "" : record.defects?.[0]?.type || "");
     $("description").value = latest?.description || "";
     $("saved").textContent = "";
     renderDetail();
@@ -129,6 +133,10 @@ function renderDetail() {
   parts.push(`${r.width}×${r.height} px`);
   $("d-meta").textContent = parts.filter(Boolean).join(" · ");
   $("d-desc").textContent = r.description || "";
+  const found = r.defects || [];
+  $("d-model-boxes").textContent = found.length
+    ? `model's boxes (dashed): ${found.map((d) => d.type || "defect").join(", ")}${r.boxes_dropped ? ` · ${r.boxes_dropped} unusable dropped` : ""}`
+    : "";
   const list = $("d-reviews");
   list.textContent = "";
   for (const rv of r.reviews) {
@@ -168,7 +176,12 @@ function draw() {
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   const s = scale();
-  const shapes = state.drag ? [...state.boxes, state.drag.box] : state.boxes;
+  ctx.lineWidth = 2;
+  ctx.setLineDash([6, 4]);
+  ctx.strokeStyle = "#0969da";
+  for (const [x0, y0, x1, y1] of state.modelBoxes) ctx.strokeRect(x0 * s, y0 * s, (x1 - x0) * s, (y1 - y0) * s);
+  ctx.setLineDash([]);
+  const shapes = state.drag?.draw ? [...state.boxes, state.drag.box] : state.boxes;
   ctx.lineWidth = 3;
   for (const [x0, y0, x1, y1] of shapes) {
     ctx.strokeStyle = "#cf222e";
@@ -176,6 +189,14 @@ function draw() {
     ctx.fillRect(x0 * s, y0 * s, (x1 - x0) * s, (y1 - y0) * s);
     ctx.strokeRect(x0 * s, y0 * s, (x1 - x0) * s, (y1 - y0) * s);
   }
+}
+
+function boxAt([x, y]) {
+  for (let i = state.boxes.length - 1; i >= 0; i -= 1) {
+    const [x0, y0, x1, y1] = state.boxes[i];
+    if (x >= x0 && x <= x1 && y >= y0 && y <= y1) return i;
+  }
+  return -1;
 }
 
 function photoPoint(ev) {
@@ -193,19 +214,36 @@ function wireCanvas() {
     ev.preventDefault();
     canvas.setPointerCapture(ev.pointerId);
     const start = photoPoint(ev);
-    state.drag = { start, box: [...start, ...start] };
+    const hit = boxAt(start);
+    // On a box: move it (or, with no movement, delete it); elsewhere: draw a new one.
+    state.drag = hit >= 0 ? { start, index: hit, from: state.boxes[hit].slice(), moved: false } : { start, draw: true, box: [...start, ...start] };
   });
   canvas.addEventListener("pointermove", (ev) => {
     if (!state.drag) return;
     const [x, y] = photoPoint(ev);
     const [sx, sy] = state.drag.start;
-    state.drag.box = [Math.min(sx, x), Math.min(sy, y), Math.max(sx, x), Math.max(sy, y)];
+    if (state.drag.draw) {
+      state.drag.box = [Math.min(sx, x), Math.min(sy, y), Math.max(sx, x), Math.max(sy, y)];
+    } else {
+      const img = $("photo");
+      const [x0, y0, x1, y1] = state.drag.from;
+      const dx = Math.min(Math.max(x - sx, -x0), img.naturalWidth - x1);
+      const dy = Math.min(Math.max(y - sy, -y0), img.naturalHeight - y1);
+      state.drag.moved = state.drag.moved || Math.abs(dx) + Math.abs(dy) >= 2;
+      state.boxes[state.drag.index] = [x0 + dx, y0 + dy, x1 + dx, y1 + dy].map((v) => Math.round(v));
+    }
     draw();
   });
   const finish = () => {
     if (!state.drag) return;
-    const [x0, y0, x1, y1] = state.drag.box.map((v) => Math.round(v));
+    const drag = state.drag;
     state.drag = null;
+    if (!drag.draw) {
+      if (!drag.moved) state.boxes.splice(drag.index, 1); // a click on a box deletes it
+      renderChoice();
+      return;
+    }
+    const [x0, y0, x1, y1] = drag.box.map((v) => Math.round(v));
     if (x1 - x0 >= 2 && y1 - y0 >= 2) {
       state.boxes.push([x0, y0, x1, y1]);
       state.verdict = "NG"; // a boxed defect makes the photo NG

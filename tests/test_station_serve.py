@@ -346,3 +346,54 @@ def label_with_touch(browser, tmp_path: Path) -> None:
     (x0, y0, x1, y1) = labelled[0]["latest_review"]["boxes"][0]
     assert 10 <= x0 <= 40 and 15 <= y0 <= 40 and 110 <= x1 <= 140 and 90 <= y1 <= 115
     store.close()
+
+
+@pytest.mark.integration
+def test_a_review_starts_from_the_models_boxes_in_headless_chromium(tmp_path: Path):
+    """The model boxed two defects, one well and one wrong: the operator keeps the first, moves it a little,
+    deletes the second with a tap and saves; the review holds the operator's boxes, the record the model's."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
+    expect = sync_api.expect
+    station = tmp_path / "station"
+    store = open_store(station)
+    model_boxes = [
+        {"type": "black spot", "box": [30.0, 30.0, 120.0, 100.0]},
+        {"type": "scratch", "box": [300.0, 200.0, 420.0, 320.0]},
+    ]
+    record_id = store.record(
+        photo(230, size=(480, 360), spot=True), file_name="part-7.png", source="api", verdict="NG", p_ng=0.93,
+        threshold=0.5, description="NG. A black spot.", defects=model_boxes, boxes_dropped=1,
+    )  # fmt: skip
+    store.close()
+
+    def make_app(port: int):
+        return create_app(FakePredictor(), ServeConfig(model="unused", station=str(station), port=port))
+
+    with running(make_app) as url, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url + "/history")
+            page.fill("#operator", "Ann Operator")
+            page.dispatch_event("#operator", "change")
+            page.locator("#records tr.rec", has_text="part-7.png").click()
+            page.locator("#photo").wait_for(state="visible")
+            expect(page.locator("#box-count")).to_have_text("2 boxes")  # the review starts from the model's boxes
+            expect(page.locator("#d-model-boxes")).to_contain_text("black spot, scratch")
+            expect(page.locator("#defect-type")).to_have_value("black spot")
+            drag(page, "#boxes", (75 / 480, 65 / 360), (85 / 480, 75 / 360))  # move the first by ~10 px
+            drag(page, "#boxes", (360 / 480, 260 / 360), (360 / 480, 260 / 360))  # a tap on the second deletes it
+            expect(page.locator("#box-count")).to_have_text("1 box")
+            screenshot(page, tmp_path, "station-model-boxes.png")
+            page.click("#save")
+            expect(page.locator("#saved")).to_contain_text("saved")
+        finally:
+            browser.close()
+    store = open_store(station)
+    record = all_records(store, HistoryFilter(review="reviewed"))[0]
+    store.close()
+    assert record["id"] == record_id and record["defects"] == model_boxes and record["boxes_dropped"] == 1
+    ((x0, y0, x1, y1),) = record["latest_review"]["boxes"]
+    assert 36 <= x0 <= 44 and 36 <= y0 <= 44 and 126 <= x1 <= 134 and 106 <= y1 <= 114  # moved by ~10 px each way

@@ -161,40 +161,44 @@ def boxed_dataset(folder, size=(96, 72), box=(60, 10, 80, 26)):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_training_answers_carry_each_box_in_the_family_frame_and_a_locate_turn(tiny_model, tmp_path, name: str):
+def test_training_answers_carry_each_box_in_the_family_frame_and_locate_items(tiny_model, tmp_path, name: str):
     from vlm_inspect.data.dataset import IGNORE_INDEX, load_training_dataset
 
     family = family_named(name)
     processor = load_processor(tiny_model(name), 64)
     data = boxed_dataset(tmp_path / "data")
     dataset = load_training_dataset(data, processor, family, max_length=2048)
+    # the two samples, then one item per sample asking for the boxes alone, as a first question
+    assert dataset.items == [(0, False), (1, False), (0, True), (1, True)]
     answers = []
-    for index in range(2):
-        item = dataset[index]
+    for item in range(4):
+        row = dataset[item]
         supervised = [
             i
-            for i, label in zip(item["input_ids"].tolist(), item["labels"].tolist(), strict=True)
+            for i, label in zip(row["input_ids"].tolist(), row["labels"].tolist(), strict=True)
             if label != IGNORE_INDEX
         ]
-        answers.append(processor.tokenizer.decode(supervised, skip_special_tokens=True))
+        answers.append(processor.tokenizer.decode(supervised, skip_special_tokens=True).strip())
     view = family.view(processor, (96, 72), (96, 72))
-    _, found, dropped = read_boxes(family.box_text, view, answers[0])
-    assert answers[0].lstrip().startswith("NG. There is a black spot near the top right.")
-    # the box twice: after the verdict and description, and alone in the locate turn
-    assert dropped == 0 and [d["type"] for d in found] == ["black spot", "black spot"]
+    assert answers[0].startswith("NG. There is a black spot near the top right.") and answers[1].startswith("OK.")
     seen_width = family.seen(processor, 96, 72)[0]
-    assert all(
-        max(abs(a - b) for a, b in zip(d["box"], (60, 10, 80, 26), strict=True)) <= 96 / seen_width for d in found
+    for answer in (answers[0], answers[2]):  # after the verdict and description, and alone
+        _, found, dropped = read_boxes(family.box_text, view, answer)
+        assert dropped == 0 and [d["type"] for d in found] == ["black spot"]
+        assert max(abs(a - b) for a, b in zip(found[0]["box"], (60, 10, 80, 26), strict=True)) <= 96 / seen_width
+    assert (
+        answers[2].startswith(("[", "<ref>"))
+        and answers[3] == "[]"
+        and read_boxes(family.box_text, view, answers[3])[1] == []
     )
-    ok = answers[1]
-    assert ok.lstrip().startswith("OK.") and ok.count("[]") == 1 and read_boxes(family.box_text, view, ok)[1] == []
+    assert dataset.conversations[2].text.count(dataset.locate_questions[0]) == 1
 
 
 def test_no_locate_turn_when_no_photo_of_the_dataset_is_boxed(tiny_model_dir, spot_dataset):
     from vlm_inspect.data.dataset import load_training_dataset
 
     dataset = load_training_dataset(spot_dataset, load_processor(tiny_model_dir), family_named("llava"), max_length=512)
-    assert dataset.locate_questions == () and len(dataset.conversation(0, [], (80, 64)).spans) == len(dataset.turns[0])
+    assert dataset.locate_questions == () and len(dataset) == 16 and all(not locate for _, locate in dataset.items)
 
 
 @pytest.mark.parametrize("seed", range(12))

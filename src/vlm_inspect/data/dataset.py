@@ -94,7 +94,7 @@ def boxed_defects(sample: dict) -> list[tuple[str, list[float]]]:
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """LLaVA JSON samples rendered for training by the processor; augmentation seeded by (seed, epoch, index).
+    """LLaVA JSON samples rendered for training by the processor; augmentation seeded by (seed, epoch, item).
 
     Each item runs the processor on its (augmented) photo and conversation, so dynamic-resolution families get the
     image tokens the photo really costs, and every side input the model needs (M-RoPE token types, Gemma's image
@@ -103,8 +103,8 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     A sample whose defects are boxed answers with its boxes too, in the family's own format and frame
     (models/boxes.py), computed for the photo as augmented and as the processor will see it: after the verdict
-    and description of the first answer, and alone in an added turn that asks only for them (`locate_questions`,
-    which OK photos answer with no box).
+    and description of its first answer, and in an item of its own that asks for the boxes alone (one of
+    `locate_questions`, as `Predictor.locate` asks it: a first question; OK photos answer it with no box).
     """
 
     def __init__(
@@ -126,13 +126,18 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.locate_questions = locate_questions if any(boxed_defects(s) for s in samples) else ()
         self.epoch = 0  # set by the trainer callback so augmentation is reproducible on resume
         self.turns = [conversation_turns(s) for s in samples]
-        # Each sample's conversation as its photo is on disk; only a boxed photo that augmentation moves needs
+        # (sample, asks for the boxes alone): every sample, then the locate items (boxed NG and OK photos; an NG
+        # photo without boxes says nothing of where).
+        self.items = [(i, False) for i in range(len(samples))]
+        if self.locate_questions:
+            self.items += [(i, True) for i, s in enumerate(samples) if boxed_defects(s) or self._label(i) == "OK"]
+        # Each item's conversation as its photo is on disk; only a boxed photo that augmentation moves needs
         # another (rendering and tokenizing it again doubled the time per item of the demo's caption stage).
         self.conversations: list[Conversation] = []
-        self.lengths = [self._estimated_length(i) for i in range(len(samples))]
+        self.lengths = [self._estimated_length(i) for i in range(len(self.items))]
         too_long = [
-            f"{s.get('id', i)} ({n} tokens)"
-            for i, (s, n) in enumerate(zip(samples, self.lengths, strict=True))
+            f"{samples[i].get('id', i)} ({n} tokens)"
+            for (i, _), n in zip(self.items, self.lengths, strict=True)
             if n > max_length
         ]
         if too_long:
@@ -141,44 +146,47 @@ class ConversationDataset(torch.utils.data.Dataset):
                 "shorten them, lower image_max_tokens or raise max_length"
             )
 
-    def _estimated_length(self, index: int) -> int:
-        """Tokens of a sample with its image expanded, from the photo's header (before augmentation)."""
-        sample = self.samples[index]
+    def _label(self, index: int) -> str | None:
+        return self.samples[index].get("label") or parse_verdict(self.turns[index][0][1])
+
+    def _estimated_length(self, item: int) -> int:
+        """Tokens of an item with its image expanded, from the photo's header (before augmentation)."""
+        sample = self.samples[self.items[item][0]]
         with Image.open(self.image_root / sample["image"]) as image:
             width, height = exif_size(image)
-        conv = self.conversation(index, boxed_defects(sample), (width, height))
+        conv = self.conversation(item, boxed_defects(sample), (width, height))
         self.conversations.append(conv)
         if self.image_aspect == "pad":
             width, height = (max(model_input_size(width, height)),) * 2
         counted = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
         return len(conv.ids) - 1 + counted["num_image_tokens"][0]
 
-    def conversation(self, index: int, boxes: list[tuple[str, list[float]]], photo: tuple[int, int]) -> Conversation:
-        """The sample's turns, with its boxes (photo pixels of a `photo`-sized image) written in where they belong."""
-        turns = list(self.turns[index])
-        sample = self.samples[index]
-        label = sample.get("label") or parse_verdict(turns[0][1])
+    def conversation(self, item: int, boxes: list[tuple[str, list[float]]], photo: tuple[int, int]) -> Conversation:
+        """The item's turns, with its boxes (photo pixels of a `photo`-sized image) written in where they belong."""
+        index, locate = self.items[item]
         view = self.family.view(self.processor, photo, model_input_size(*photo), self.image_aspect)
         written = write_boxes(self.family.box_text, view, boxes)
+        if locate:
+            return conversation(self.processor, [(self.locate_questions[index % len(self.locate_questions)], written)])
+        turns = list(self.turns[index])
         if boxes:
             turns[0] = (turns[0][0], f"{turns[0][1].strip()} {written}")
-        if self.locate_questions and (boxes or label == "OK"):  # an NG photo without boxes says nothing of where
-            turns.append((self.locate_questions[index % len(self.locate_questions)], written))
         return conversation(self.processor, turns)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        index = self.items[item][0]
         sample = self.samples[index]
         image = load_image(self.image_root / sample["image"])
         boxes = boxed_defects(sample)
-        conv = self.conversations[index]
+        conv = self.conversations[item]
         if self.augment:
-            rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
+            rng = random.Random(f"{self.seed}-{self.epoch}-{item}")
             image, moved = augment_image(image, [box for _, box in boxes], rng)
             boxes = [(label, box) for (label, _), box in zip(boxes, moved, strict=True)]
-            conv = self.conversation(index, boxes, image.size) if boxes else conv
+            conv = self.conversation(item, boxes, image.size) if boxes else conv
         image = square_image(image, self.processor.image_processor.image_mean, self.image_aspect)
         inputs = self.processor(images=[[image]], text=[conv.text], return_tensors="pt")
         ids = inputs["input_ids"][0]

@@ -231,7 +231,7 @@ class Watcher:
             return data, load_image(data, name=name)
         except DataError as err:
             if os.path.lexists(item.path):  # else moved away by another watcher: nothing to say
-                self._skip(item, str(err))
+                self._skip(item, str(err).removeprefix(f"{name}: "))
             return None
 
     def _score(self, todo: list[_Ready], blobs: list[bytes], images: list[Any]) -> tuple[list, list, list, list]:

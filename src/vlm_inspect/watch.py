@@ -190,7 +190,7 @@ class Watcher:
             return 0
         started = time.perf_counter()
         todo, blobs, images, scores = self._score(todo, blobs, images)
-        texts = self._describe(images, scores)
+        texts = self._describe(todo, images, scores)
         latency = (time.perf_counter() - started) * 1000 / max(len(todo), 1)
         for item, data, image, p_ng, text in zip(todo, blobs, images, scores, texts, strict=True):
             verdict = "NG" if p_ng >= self.cfg.threshold else "OK"
@@ -253,21 +253,33 @@ class Watcher:
         self.done.add(item.key)
         self._tell(item.path, reason)
 
-    def _tell(self, path: Path, reason: str) -> None:
+    def _tell(self, path: Path, reason: str, what: str = "skipped") -> None:
         said = f"{printable(path.name)}: {printable(reason)}"
         if said not in self.told:
             self.told.add(said)
-            console.print(f"[yellow]skipped[/] {escape(said)}", highlight=False)
+            console.print(f"[yellow]{what}[/] {escape(said)}", highlight=False)
 
-    def _describe(self, images: list[Any], scores: list[float]) -> list[str | None]:
+    def _describe(self, todo: list[_Ready], images: list[Any], scores: list[float]) -> list[str | None]:
+        """Descriptions of the NG photos (with `describe`); a photo the model cannot describe keeps its verdict,
+        without a description, and the reason is logged."""
         texts: list[str | None] = [None] * len(images)
         if not self.cfg.describe:
             return texts
         ng = [i for i, p in enumerate(scores) if p >= self.cfg.threshold]
-        if ng:
-            for i, text in zip(ng, self.predictor.describe([images[i] for i in ng]), strict=True):
-                texts[i] = text
+        try:
+            described = self.predictor.describe([images[i] for i in ng]) if ng else []
+        except Exception:  # whatever the model raises on one photo must not stop the line: each alone
+            described = [self._describe_one(todo[i], images[i]) for i in ng]
+        for i, text in zip(ng, described, strict=True):
+            texts[i] = text
         return texts
+
+    def _describe_one(self, item: _Ready, image: Any) -> str | None:
+        try:
+            return self.predictor.describe([image])[0]
+        except Exception as err:
+            self._tell(item.path, f"the model could not describe it ({err})", "recorded without a description")
+            return None
 
     def _finish(self, item: _Ready, verdict: str, p_ng: float | None, record_id: int) -> None:
         """Move or answer the photo as asked; safe to repeat after a crash. One that cannot be moved or answered

@@ -108,5 +108,7 @@ def reset_postgres(url: str) -> None:
 
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
     with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS baselines, reviews, inspections, photos, alembic_version CASCADE"))
+        conn.execute(
+            text("DROP TABLE IF EXISTS claims, baselines, reviews, inspections, photos, alembic_version CASCADE")
+        )
     engine.dispose()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, select, text
 
 pytest.importorskip("fastapi")
@@ -74,11 +75,13 @@ def _store_at_0001(folder: Path, db: str | None) -> str:
 def test_an_old_store_is_migrated_to_the_line_view(station):
     folder, db = station
     url = _store_at_0001(folder, db)
-    store = open_store(folder, db)  # upgrades 0001 → 0002_line_view
+    store = open_store(folder, db)  # upgrades 0001 → 0002_line_view → the newest
     with store.reading() as session:
         rows = session.scalars(select(Inspection).order_by(Inspection.id)).all()
         version = session.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    assert version == "0002_line_view"
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    assert version == ScriptDirectory.from_config(config).get_current_head()
     assert [(r.line, r.margin) for r in rows] == [("watch", 0.25), ("api", 0.25), ("label", None)]
     assert [r.audit_u for r in rows] == [audit_u(r.id) for r in rows]  # the hash new records get
     engine = create_engine(url)

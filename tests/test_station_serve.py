@@ -165,6 +165,7 @@ def test_export_writes_class_folders_that_prepare_reads(tmp_path: Path):
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == [
         "config.yaml",  # the export's own settings: `export --overwrite` may replace what it wrote
+        "export.json",  # how many went out, and each record skipped with its reason (none here)
         "ng/black_spot/cam_20-1.json",
         "ng/black_spot/cam_20-1.png",
         "ng/cam_30-2.png",
@@ -180,6 +181,8 @@ def test_export_writes_class_folders_that_prepare_reads(tmp_path: Path):
     with pytest.raises(OutputExistsError):
         export(ExportConfig(station=str(tmp_path / "st"), out=str(out)))
     assert_prepare_reads_top_left(out, tmp_path / "dataset")
+    assert json.loads((out / "export.json").read_text()) == {"exported": 5, "skipped": []}
+    open_store(tmp_path / "empty").close()
     with pytest.raises(StationError, match="no reviewed record"):
         export(ExportConfig(station=str(tmp_path / "empty"), out=str(tmp_path / "none")))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -485,6 +486,8 @@ def _coerce(name: str, value: Any, tp: Any, problems: list[str]) -> Any:
         if is_none and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:  # `float | None`: the float's own problem says more than "is not a float"
+            return _coerce(name, value, inner[0], problems)
         for a in inner:
             sub: list[str] = []
             out = _coerce(name, value, a, sub)
@@ -518,6 +521,9 @@ def _coerce(name: str, value: Any, tp: Any, problems: list[str]) -> Any:
             number = tp(value) if tp is float else int(str(value).replace("_", ""))
         except (TypeError, ValueError):
             problems.append(f"{name}: {value!r} is not {'an integer' if tp is int else 'a number'}")
+            return value
+        if tp is float and not math.isfinite(number):  # every range check below would pass NaN, and inf overflows
+            problems.append(f"{name}: {value!r} is not a finite number")
             return value
         return number
     if tp is str:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vlm_inspect.config import ModelSettings, TrainConfig
+from vlm_inspect.config import ModelSettings, TrainConfig, image_budget_problems
 from vlm_inspect.data.images import model_input_size, square_image
 from vlm_inspect.errors import ModelFolderError
 from vlm_inspect.folders import DatasetFacts, ModelFolder, open_adapter
@@ -112,6 +112,9 @@ class Predictor:
         folder = ModelFolder.open(settings.model)
         trained, facts = trained_with(settings, folder)
         budget = settings.image_max_tokens or (trained.image_max_tokens if trained else None)
+        saved = [] if settings.image_max_tokens else image_budget_problems(budget)  # a run's config.yaml, hand-edited
+        if saved:
+            raise ModelFolderError(f"{settings.adapter or folder.path}: the run's settings say {saved[0]}")
         budget = budget or folder.family.default_image_max_tokens
         in_force = dataclasses.replace(settings.model_settings(), image_max_tokens=budget)
         processor = load_processor(folder, budget)

@@ -4,6 +4,10 @@ Every photo in PHOTOS is put in the station (once: keyed by path, size and modif
 second start adds only new photos) as a record with no verdict; the page at `/` then shows them one
 at a time to sort into OK / NG, type and box the defects. `vlm-inspect export` turns the labels into
 class folders with sidecars for `prepare`.
+
+Like `prepare`, it reads nothing outside PHOTOS (a link out of it, or to nowhere, is skipped with the reason, as
+are FIFOs and unreadable files), checks a file's size before reading it, and keeps a name that is not UTF-8 with
+its bytes shown as `\\xNN`; a photo it cannot use is logged and the others are queued.
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from vlm_inspect.config import LabelConfig, require
-from vlm_inspect.data.images import find_images, load_image
+from vlm_inspect.data.images import IMAGE_SUFFIXES, load_image, read_file_bytes
+from vlm_inspect.data.safe_read import printable, show_path, walk_files
 from vlm_inspect.errors import ConfigError, DataError
 from vlm_inspect.service.http import bind, run_server
 from vlm_inspect.service.station_routes import label_app
@@ -34,7 +40,7 @@ def label(cfg: LabelConfig) -> Path:
     store = open_store(cfg.station, cfg.db)
     try:
         added, total = queue_photos(store, Path(cfg.photos))
-        console.print(f"{added} new photo(s) queued for labelling ({total} in {cfg.photos})")
+        console.print(f"{added} new photo(s) queued for labelling ({total} in {escape(printable(cfg.photos))})")
         app = label_app(store, cfg.api_key, cfg.host, cfg.port)
         console.print(
             f"labeller at http://{cfg.host}:{cfg.port}/  (export: vlm-inspect export --station {cfg.station})"
@@ -62,20 +68,31 @@ def check_label_config(cfg: LabelConfig) -> None:
 
 def queue_photos(store: StationStore, folder: Path) -> tuple[int, int]:
     """Record every photo under `folder` not yet in the station; (added, photos found)."""
-    photos = find_images([folder])
+    files, refused = walk_files(folder, folder, recursive=True)
+    for path, reason in refused:
+        _skipped(path, reason)
+    photos = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     added = 0
     for path in photos:
-        stat = path.stat()
-        key = f"label:{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        try:
+            stat = path.stat()
+        except OSError as err:
+            _skipped(path, f"cannot be looked at ({err.strerror or err})")
+            continue
+        key = f"label:{show_path(path.resolve())}|{stat.st_size}|{stat.st_mtime_ns}"
         if store.find_key(key) is not None:
             continue
-        data = path.read_bytes()
         try:
-            image = load_image(data, name=str(path))
+            data = read_file_bytes(path, printable(path))  # the size limit applies before a byte is read
+            image = load_image(data, name=printable(path))
         except DataError as err:
-            console.print(f"[yellow]skipped[/] {err}")
+            _skipped(path, str(err).removeprefix(f"{printable(path)}: "))
             continue
-        name = path.relative_to(folder).as_posix()
+        name = show_path(path.relative_to(folder).as_posix())
         if store.record(data, image, file_name=name, source="label", source_key=key) is not None:
             added += 1
     return added, len(photos)
+
+
+def _skipped(path: Path, reason: str) -> None:
+    console.print(f"[yellow]skipped[/] {escape(printable(path))}: {escape(printable(reason))}", highlight=False)

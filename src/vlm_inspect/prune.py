@@ -18,6 +18,10 @@ from vlm_inspect.station.schema import Inspection, Photo, Review
 from vlm_inspect.station.store import StationStore, open_store
 
 BATCH = 200
+MAX_AGE_DAYS = 36_525
+"""Longest retention `max_age_days` takes: a hundred years (further back than any record, and inside the calendar)."""
+MAX_GB = 1_000_000
+"""Largest `max_gb`: a petabyte of photos."""
 console = Console()
 
 
@@ -25,11 +29,11 @@ def prune(cfg: PruneConfig) -> Path:
     """Apply the retention settings to a station; the station folder.
 
     Raises:
-        ConfigError: no station folder, or neither limit given, or a limit below zero.
-        StationError: the store cannot be opened or written.
+        ConfigError: no station folder, or neither limit given, or a limit outside its range (NaN too).
+        StationError: no station there (prune never creates one), or the store cannot be opened or written.
     """
     _validate(cfg)
-    store = open_store(cfg.station, cfg.db)
+    store = open_store(cfg.station, cfg.db, create=False)
     try:
         cutoff = datetime.now(timezone.utc) - timedelta(days=cfg.max_age_days) if cfg.max_age_days is not None else None
         max_bytes = int(cfg.max_gb * 1024**3) if cfg.max_gb is not None else None
@@ -44,9 +48,10 @@ def _validate(cfg: PruneConfig) -> None:
     problems = [] if cfg.station else ["station: required (the station folder)"]
     if cfg.max_age_days is None and cfg.max_gb is None:
         problems.append("give max_age_days, max_gb or both")
-    for name in ("max_age_days", "max_gb"):
-        if (getattr(cfg, name) or 0) < 0:
-            problems.append(f"{name}: {getattr(cfg, name)} must not be negative")
+    for name, most in (("max_age_days", MAX_AGE_DAYS), ("max_gb", MAX_GB)):
+        value = getattr(cfg, name)
+        if value is not None and not 0 <= value <= most:  # NaN fails this too
+            problems.append(f"{name}: {value} is not between 0 and {most:,}")
     if problems:
         raise ConfigError(problems)
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from vlm_inspect.config import TrainConfig, image_budget_problems, require, save_config
 from vlm_inspect.errors import ConfigError, OutputExistsError, VlmInspectError
@@ -59,16 +60,19 @@ def validate(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig) -> Path:
     """Fine-tune and write RUN/ (adapter/ or model/, config.yaml, dataset.json, metrics.jsonl, checkpoints/).
 
-    The model and dataset folders are checked before `out` is touched.
+    The model folder (its processor probed on one photo) and the dataset are checked before `out` is touched.
 
     Returns:
         The run folder.
     """
+    from vlm_inspect.models.load import load_processor
+
     validate(cfg)
     check_inputs_exist({"model": cfg.model, "data": cfg.data})
     model, data = ModelFolder.open(cfg.model), DatasetFolder.open(cfg.data)
     samples = data.samples()
     cfg = resolved(cfg, model)
+    processor = load_processor(model, cfg.image_max_tokens)  # its template and image processor probed, before OUT
     run = RunFolder(Path(cfg.out))
     if cfg.distributed and "LOCAL_RANK" not in os.environ:
         previous = prepare_run_folder(cfg, run, data)
@@ -77,7 +81,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.method == "qlora" and not _cuda_available():
         raise ConfigError(["method: qlora needs a CUDA GPU (bitsandbytes 4-bit); use method=lora on this machine"])
     previous = prepare_run_folder(cfg, run, data) if "LOCAL_RANK" not in os.environ else None
-    return finish_replacing(_train_in_process(cfg, run, model, data, samples), previous)
+    return finish_replacing(_train_in_process(cfg, run, model, data, samples, processor), previous)
 
 
 def resolved(cfg: TrainConfig, model: ModelFolder) -> TrainConfig:
@@ -191,7 +195,12 @@ def _free_port() -> int:
 
 
 def _train_in_process(
-    cfg: TrainConfig, run: RunFolder, model_folder: ModelFolder, data: DatasetFolder, samples: list[dict]
+    cfg: TrainConfig,
+    run: RunFolder,
+    model_folder: ModelFolder,
+    data: DatasetFolder,
+    samples: list[dict],
+    processor: Any = None,
 ) -> Path:
     import torch
     from accelerate import PartialState
@@ -208,7 +217,7 @@ def _train_in_process(
     device = state.device
     dtype = resolve_dtype(cfg.precision, device)
     family = model_folder.family
-    processor = load_processor(model_folder, cfg.image_max_tokens)
+    processor = processor or load_processor(model_folder, cfg.image_max_tokens)
     model, trainable = build_model(cfg, model_folder, dtype, device)
     dataset = ConversationDataset(
         samples,

@@ -5,8 +5,14 @@ photo still being written is left for later. The station store is the ledger: ev
 recorded under its key `path|size|mtime_ns` (plus its content hash), so after a restart a photo
 already recorded is not inspected again, and one recorded but not yet moved or answered is moved or
 answered without a second inspection. Two watchers on one folder record each photo once (the key is
-unique in the database). After inspection a photo is left as it is, moved into `ok/` or `ng/`, or
+unique in the database), and run the model once per photo: a watcher claims a photo in the store before
+inspecting it (station/claims.py). After inspection a photo is left as it is, moved into `ok/` or `ng/`, or
 answered with `<photo>.result.json` beside it.
+
+One photo never stops the line: a photo that cannot be read (too large, not an image, a FIFO, a link out of the
+folder), named (a name that is not UTF-8, one too long for its result file) or answered (the model fails on it)
+is logged as skipped with its reason, and the photos after it are inspected, after a restart too. A file's size
+is checked before it is read. Names are printed as they are (markup and control characters shown, not obeyed).
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from vlm_inspect.config import WatchConfig, require
-from vlm_inspect.data.images import IMAGE_SUFFIXES, load_image
+from vlm_inspect.data.images import IMAGE_SUFFIXES, load_image, read_file_bytes
+from vlm_inspect.data.safe_read import MAX_NAME_BYTES, fit_file_name, outside_reason, printable, show_path
 from vlm_inspect.errors import ConfigError, DataError
 from vlm_inspect.inference import Answer, Predictor
 from vlm_inspect.station.baselines import keep_report, read_report
+from vlm_inspect.station.claims import claim, new_owner, release
 from vlm_inspect.station.identity import model_identity
 from vlm_inspect.station.line_settings import LineSettings, line_problems
 from vlm_inspect.station.metrics import serve_metrics
@@ -40,6 +49,11 @@ console = Console()
 class _Ready:
     path: Path
     key: str
+
+    @property
+    def name(self) -> str:
+        """The file name as stored in the record: bytes that are not UTF-8 shown as `\\xNN`."""
+        return show_path(self.path.name)
 
 
 def watch(cfg: WatchConfig) -> Path:
@@ -60,7 +74,8 @@ def watch(cfg: WatchConfig) -> Path:
             keep_report(store, watcher.model_hash, predictor.name, read_report(cfg.baseline))
         if cfg.metrics_port is not None:
             metrics = serve_metrics(watcher.monitor.metrics, cfg.metrics_host, cfg.metrics_port)
-        console.print(f"watching {cfg.folder} as line {watcher.line} with {predictor.name}; recording to {store.where}")
+        shown = f"watching {printable(cfg.folder)} as line {printable(watcher.line)} with {printable(predictor.name)}"
+        console.print(f"{escape(shown)}; recording to {escape(printable(store.where))}", highlight=False)
         watcher.run()
     finally:
         if metrics is not None:
@@ -98,6 +113,8 @@ class Watcher:
         self.monitor = LineMonitor(store, LineSettings.of(cfg))
         self.previous: dict[Path, tuple[int, int]] = {}
         self.done: set[str] = set()  # keys finished in this run: no database look-up each poll
+        self.told: set[str] = set()  # skipped entries already logged with their reason, so each is logged once
+        self.owner = new_owner()  # names this watcher's claims
         self.inspected = 0
 
     def run(self) -> None:
@@ -114,9 +131,9 @@ class Watcher:
         """One look at the folder; how many photos were inspected."""
         current = self._scan()
         ready = [
-            _Ready(path, f"{path}|{size}|{mtime}")
+            _Ready(path, f"{show_path(path)}|{size}|{mtime}")  # a name that is not UTF-8 still makes a key
             for path, (size, mtime) in sorted(current.items(), key=lambda item: (item[1][1], item[0]))
-            if self.previous.get(path) == (size, mtime) and f"{path}|{size}|{mtime}" not in self.done
+            if self.previous.get(path) == (size, mtime) and f"{show_path(path)}|{size}|{mtime}" not in self.done
         ]
         self.previous = current
         count = 0
@@ -126,43 +143,61 @@ class Watcher:
         return count
 
     def _scan(self) -> dict[Path, tuple[int, int]]:
+        try:
+            entries = list(os.scandir(self.folder))
+        except OSError as err:  # a network share gone for a moment: the next poll looks again
+            self._tell(self.folder, f"the hot folder cannot be listed ({err.strerror or err}); trying again")
+            return {}
         found = {}
-        for entry in os.scandir(self.folder):
+        for entry in entries:
             name = entry.name
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                 continue
+            path = Path(entry.path)
             try:
-                if entry.is_file():
+                reason = outside_reason(path, self.folder) if entry.is_symlink() else None
+                if reason is None and entry.is_file():
                     stat = entry.stat()
-                    found[Path(entry.path)] = (stat.st_size, stat.st_mtime_ns)
+                    found[path] = (stat.st_size, stat.st_mtime_ns)
+                elif reason is None:
+                    reason = "not a regular file (a folder, FIFO, socket or device), so it is not read"
             except FileNotFoundError:  # moved away by another watcher meanwhile
                 continue
+            except OSError as err:
+                reason = f"cannot be looked at ({err.strerror or err})"
+            if reason:
+                self._tell(path, reason)
         return found
 
     def _handle(self, batch: list[_Ready]) -> int:
         todo, images, blobs = [], [], []
         for item in batch:
-            recorded = self.store.find_key(item.key)
-            if recorded is not None:  # inspected before a restart, or by another watcher
-                self._finish(item, recorded.verdict, recorded.p_ng, recorded.id, _defects(recorded))
+            if self._finish_recorded(item):  # inspected before a restart, or by another watcher
+                continue
+            if not claim(self.store, item.key, self.owner):
+                continue  # another watcher is inspecting it now; its record is looked up next poll
+            if self._finish_recorded(item):  # recorded between the look above and the claim
+                release(self.store, item.key, self.owner)
                 continue
             loaded = self._load(item)
-            if loaded is not None:
-                todo.append(item)
-                blobs.append(loaded[0])
-                images.append(loaded[1])
+            if loaded is None:
+                release(self.store, item.key, self.owner)
+                continue
+            todo.append(item)
+            blobs.append(loaded[0])
+            images.append(loaded[1])
         if not todo:
             return 0
         started = time.perf_counter()
-        scores = self.predictor.score(images, batch_size=self.cfg.batch_size)
-        answers = self._describe(images, scores)
-        latency = (time.perf_counter() - started) * 1000 / len(todo)
+        todo, blobs, images, scores = self._score(todo, blobs, images)
+        answers = self._describe(todo, images, scores)
+        latency = (time.perf_counter() - started) * 1000 / max(len(todo), 1)
         for item, data, image, p_ng, answer in zip(todo, blobs, images, scores, answers, strict=True):
             verdict = "NG" if p_ng >= self.cfg.threshold else "OK"
             record_id = self.store.record(
                 data,
                 image,
-                file_name=item.path.name,
+                file_name=item.name,
                 source="watch",
                 source_key=item.key,
                 verdict=verdict,
@@ -176,6 +211,7 @@ class Watcher:
                 latency_ms=round(latency, 1),
                 line=self.line,
             )
+            release(self.store, item.key, self.owner)
             self.monitor.answered(self.line, self.predictor.name, verdict, latency)
             defects = answer.defects if answer else None
             if record_id is None:  # another watcher recorded it first: its verdict stands
@@ -185,42 +221,95 @@ class Watcher:
         self.monitor.maybe_check()
         return len(todo)
 
+    def _finish_recorded(self, item: _Ready) -> bool:
+        recorded = self.store.find_key(item.key)
+        if recorded is not None:
+            self._finish(item, recorded.verdict, recorded.p_ng, recorded.id, _defects(recorded))
+        return recorded is not None
+
     def _load(self, item: _Ready) -> tuple[bytes, Any] | None:
+        name = printable(item.path)
         try:
-            data = item.path.read_bytes()
-            return data, load_image(data, name=str(item.path))
-        except FileNotFoundError:
-            return None  # moved away by another watcher
+            data = read_file_bytes(item.path, name)  # the size limit applies before a byte is read
+            return data, load_image(data, name=name)
         except DataError as err:
-            console.print(f"[yellow]skipped[/] {err}")
-            self.done.add(item.key)  # not retried until the file changes
+            if os.path.lexists(item.path):  # else moved away by another watcher: nothing to say
+                self._skip(item, str(err).removeprefix(f"{name}: "))
             return None
 
-    def _describe(self, images: list[Any], scores: list[float]) -> list[Answer | None]:
+    def _score(self, todo: list[_Ready], blobs: list[bytes], images: list[Any]) -> tuple[list, list, list, list]:
+        """(photos, bytes, images, p(NG)) of the photos the model answered. When it fails on a batch, each photo is
+        scored alone, so the one it cannot answer is skipped with the reason and the others are inspected."""
+        try:
+            return todo, blobs, images, self.predictor.score(images, batch_size=self.cfg.batch_size)
+        except Exception as err:  # whatever the model raises on one photo must not stop the line
+            failure = err
+        if len(todo) == 1:
+            self._skip(todo[0], f"the model could not answer it ({type(failure).__name__}: {failure})")
+            release(self.store, todo[0].key, self.owner)
+            return [], [], [], []
+        rows = [self._score([item], [data], [image]) for item, data, image in zip(todo, blobs, images, strict=True)]
+        return tuple([value for row in rows for value in row[k]] for k in range(4))  # type: ignore[return-value]
+
+    def _skip(self, item: _Ready, reason: str) -> None:
+        """Log a photo as skipped with its reason; not tried again until the file changes or the watcher restarts."""
+        self.done.add(item.key)
+        self._tell(item.path, reason)
+
+    def _tell(self, path: Path, reason: str, what: str = "skipped") -> None:
+        said = f"{printable(path.name)}: {printable(reason)}"
+        if said not in self.told:
+            self.told.add(said)
+            console.print(f"[yellow]{what}[/] {escape(said)}", highlight=False)
+
+    def _describe(self, todo: list[_Ready], images: list[Any], scores: list[float]) -> list[Answer | None]:
         """The NG photos' answers, when asked: the description and the defects it boxes (`describe`), or the
-        boxes alone (`locate`, which also keeps the description when both are asked)."""
+        boxes alone (`locate`, which keeps the description when both are asked). A photo the model cannot answer
+        keeps its verdict, without them, and the reason is logged."""
         answers: list[Answer | None] = [None] * len(images)
         ng = [i for i, p in enumerate(scores) if p >= self.cfg.threshold]
         if not ng or not (self.cfg.describe or self.cfg.locate):
             return answers
-        photos = [images[i] for i in ng]
-        described = self.predictor.answers(photos) if self.cfg.describe else [None] * len(ng)
-        located = self.predictor.locate(photos) if self.cfg.locate else described
-        for i, text, boxes in zip(ng, described, located, strict=True):
-            answers[i] = Answer(text.text if text else None, boxes.defects, boxes.boxes_dropped)
+        try:
+            found = self._answers([images[i] for i in ng])
+        except Exception:  # whatever the model raises on one photo must not stop the line: each alone
+            found = [self._answer_one(todo[i], images[i]) for i in ng]
+        for i, answer in zip(ng, found, strict=True):
+            answers[i] = answer
         return answers
+
+    def _answers(self, photos: list[Any]) -> list[Answer]:
+        described = self.predictor.answers(photos) if self.cfg.describe else [None] * len(photos)
+        located = self.predictor.locate(photos) if self.cfg.locate else described
+        return [
+            Answer(text.text if text else None, boxes.defects, boxes.boxes_dropped)
+            for text, boxes in zip(described, located, strict=True)
+        ]
+
+    def _answer_one(self, item: _Ready, image: Any) -> Answer | None:
+        try:
+            return self._answers([image])[0]
+        except Exception as err:
+            self._tell(item.path, f"the model could not describe it ({err})", "recorded without a description")
+            return None
 
     def _finish(
         self, item: _Ready, verdict: str, p_ng: float | None, record_id: int, defects: list[dict] | None = None
     ) -> None:
-        """Move or answer the photo as asked; safe to repeat after a crash."""
+        """Move or answer the photo as asked; safe to repeat after a crash. One that cannot be moved or answered
+        (a name too long for its result file, a read-only folder) is logged; its record stays."""
         self.done.add(item.key)
         where = ""
-        if self.cfg.sort == "move":
-            where = self._move(item.path, verdict)
-        elif self.cfg.sort == "result-file":
-            where = self._answer(item.path, verdict, p_ng, record_id, defects)
-        console.print(f"{verdict} {p_ng if p_ng is not None else 0:.3f}  {item.path.name}{where}", highlight=False)
+        try:
+            if self.cfg.sort == "move":
+                where = self._move(item.path, verdict)
+            elif self.cfg.sort == "result-file":
+                where = self._answer(item.path, verdict, p_ng, record_id, defects)
+        except OSError as err:
+            done = "moved" if self.cfg.sort == "move" else "answered"
+            where = f"  (recorded as {record_id}, but not {done}: {err.strerror or err})"
+        line = f"{verdict} {p_ng if p_ng is not None else 0:.3f}  {printable(item.path.name)}{where}"
+        console.print(line, highlight=False, markup=False)
 
     def _move(self, path: Path, verdict: str) -> str:
         target_dir = self.folder / verdict.lower()
@@ -228,26 +317,28 @@ class Watcher:
         target = target_dir / path.name
         n = 1
         while target.exists():  # never overwrite a photo already sorted under that name
-            target = target_dir / f"{path.stem}-{n}{path.suffix}"
+            target = target_dir / fit_file_name(path.stem, f"-{n}{path.suffix}")  # a long name still fits
             n += 1
         try:
             os.rename(path, target)
         except FileNotFoundError:
             return "  (already moved)"
-        return f"  -> {target.relative_to(self.folder)}"
+        return f"  -> {printable(target.relative_to(self.folder))}"
 
     def _answer(self, path: Path, verdict: str, p_ng: float | None, record_id: int, defects: list[dict] | None) -> str:
         result = path.with_name(path.name + RESULT_SUFFIX)
+        if len(os.fsencode(result.name)) > MAX_NAME_BYTES:
+            return f"  (recorded as {record_id}; no {RESULT_SUFFIX}: its name would be over {MAX_NAME_BYTES} bytes)"
         if result.exists():
-            return f"  ({result.name} already written)"
-        body = {"file": path.name, "verdict": verdict, "p_ng": p_ng, "threshold": self.cfg.threshold}
+            return f"  ({printable(result.name)} already written)"
+        body = {"file": show_path(path.name), "verdict": verdict, "p_ng": p_ng, "threshold": self.cfg.threshold}
         body |= {"model": self.predictor.name, "record_id": record_id}
         if defects is not None:
             body["defects"] = defects
-        tmp = result.with_name(f".{result.name}.tmp")
+        tmp = result.with_name(fit_file_name(f".{result.name}", ".tmp"))
         tmp.write_text(json.dumps(body, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, result)
-        return f"  -> {result.name}"
+        return f"  -> {printable(result.name)}"
 
 
 def _defects(recorded: Any) -> list[dict] | None:

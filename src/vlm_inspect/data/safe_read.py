@@ -5,7 +5,9 @@ that resolves outside them, and a LLaVA `image` path that climbs out (`../`) or 
 refused with a reason instead of being read. Listing a folder reports what it cannot use (dangling
 links, FIFOs, sockets, devices, unreadable subfolders) instead of passing over it in silence. Names
 that are not UTF-8 (GBK names from Windows zips) are shown with `\\xNN` escapes, and JSON that is
-nested 100,000 deep or holds a 5,000-digit number is a `DataError`, not a traceback.
+nested 100,000 deep or holds a 5,000-digit number is a `DataError`, not a traceback. A name that goes on a
+console is shown with its control characters escaped (`printable`), and a name made from one that may be too
+long for the file system is shortened to fit (`fit_file_name`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,32 @@ from vlm_inspect.errors import DataError
 
 MAX_SIDECAR_BYTES = 1024**2
 """Sidecar files (`<stem>.txt`, `<stem>.json`) larger than this are refused before they are read."""
+MAX_NAME_BYTES = 255
+"""The longest file name (one path component) Linux, macOS and Windows file systems take, in bytes."""
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))} | {
+    0x0D: "\\r",
+    0x0A: "\\n",
+    0x09: "\\t",
+}
 
 
 def show_path(path: str | Path) -> str:
     """A path as printable text: bytes that are not UTF-8 (a GBK name from a Windows zip) become `\\\\xNN`."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def printable(path: str | Path) -> str:
+    """A name as one line of console text: `show_path`, with carriage returns, newlines and other control
+    characters shown as `\\r`, `\\n`, `\\xNN` (a CR in a photo's name would otherwise overwrite the line)."""
+    return show_path(path).translate(_CONTROL)
+
+
+def fit_file_name(stem: str, rest: str = "", max_bytes: int = MAX_NAME_BYTES) -> str:
+    """`stem + rest` as one file name of at most `max_bytes` UTF-8 bytes: the stem shortened, whole characters at a
+    time, when the whole would not fit (a 251-byte photo name plus `-1` or `.result.json`)."""
+    while stem and len(os.fsencode(stem + rest)) > max_bytes:
+        stem = stem[:-1]
+    return stem + rest
 
 
 def outside_reason(path: Path, root: Path) -> str | None:

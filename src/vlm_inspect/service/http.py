@@ -10,12 +10,13 @@ import hmac
 import ipaddress
 import json
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
@@ -42,6 +43,7 @@ ERROR_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     408: "timeout_error",
+    410: "not_found_error",
     413: "request_too_large",
     415: "unsupported_media_type",
     421: "invalid_request_error",
@@ -127,6 +129,10 @@ def guard(app: FastAPI, host: str, port: int) -> None:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        # FastAPI's own checks of path and query parameters: the same shape as every other error.
+        return error_response(422, validation_problems(err.errors()))
+
     async def handle(request: Request, err: Exception) -> JSONResponse:
         status, message = status_of(err)
         if status == 499:  # one log line, not a traceback: nobody is left to read the answer
@@ -141,6 +147,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     kinds = (ApiError, RequestRefused, ClientGone, ClientDisconnect, QueueFull, asyncio.TimeoutError, BodyTooLarge)
     for kind in (*kinds, HTTPException, Exception):
         app.add_exception_handler(kind, handle)
+    app.add_exception_handler(RequestValidationError, invalid)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -173,8 +180,12 @@ def validate_body(model: type[BaseModel], data: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())
-        raise ApiError(422, problems) from None
+        raise ApiError(422, validation_problems(err.errors())) from None
+
+
+def validation_problems(errors: Sequence[Any]) -> str:
+    """Pydantic's or FastAPI's validation errors as one message, each naming its field (`query.limit: ...`)."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors)
 
 
 def base64_image(text: str, where: str) -> bytes:

@@ -9,7 +9,7 @@ text), `GET /v1/station/health` (the drift check of every active line and model,
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -17,6 +17,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from vlm_inspect.errors import StationError
+from vlm_inspect.service.params import QueryReader
 from vlm_inspect.station.lineview import LineQuery, line_view
 from vlm_inspect.station.metrics import CONTENT_TYPE
 from vlm_inspect.station.monitor import LineMonitor
@@ -69,25 +70,11 @@ def _page_route(page: Callable[[str], Response], name: str) -> Callable:
 
 def _line_query(request: Request, monitor: LineMonitor) -> LineQuery:
     """A LineQuery from query parameters (default: the last seven local days, by shift); 422 naming each bad one."""
-    params, problems = request.query_params, []
-    today = datetime.now(monitor.settings.zone).date()
-
-    def day(name: str, default: date) -> date:
-        value = params.get(name)
-        if not value:
-            return default
-        try:
-            return date.fromisoformat(value)
-        except ValueError:
-            problems.append(f"{name}: {value!r} is not a date (YYYY-MM-DD)")
-            return default
-
-    until = day("until", today)
-    since = day("since", until - timedelta(days=DEFAULT_DAYS - 1))
-    query = LineQuery(
-        since, until, params.get("period") or "shift", params.get("line") or None, params.get("model") or None
-    )
-    problems += query.problems(len(monitor.settings.shift_hours))
+    read = QueryReader(request.query_params)
+    until = read.day("until", datetime.now(monitor.settings.zone).date())
+    since = read.day("since", date.fromordinal(max(until.toordinal() - (DEFAULT_DAYS - 1), 1)))
+    query = LineQuery(since, until, read.text("period") or "shift", read.text("line"), read.text("model"))
+    problems = read.problems + query.problems(len(monitor.settings.shift_hours))
     if problems:
         raise HTTPException(422, "; ".join(problems))
     return query

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import replace
-from datetime import date
 from typing import Annotated, Any
 from urllib.parse import unquote
 
@@ -26,19 +25,23 @@ from starlette.concurrency import run_in_threadpool
 from vlm_inspect.config import ServeConfig
 from vlm_inspect.data.prompts import parse_verdict
 from vlm_inspect.errors import StationError
-from vlm_inspect.service.http import guard, key_checker, page_file
+from vlm_inspect.service.http import error_response, guard, key_checker, page_file, validation_problems
+from vlm_inspect.service.limits import BodyLimit
+from vlm_inspect.service.params import QueryReader
 from vlm_inspect.station.audit import AuditSample
 from vlm_inspect.station.baselines import keep_report, read_report
 from vlm_inspect.station.history import HistoryFilter, all_records, csv_text, get_record, list_records, models_seen
 from vlm_inspect.station.identity import model_identity
 from vlm_inspect.station.line_settings import LineSettings
 from vlm_inspect.station.monitor import LineMonitor
-from vlm_inspect.station.store import StationStore, open_store
+from vlm_inspect.station.store import MAX_DESCRIPTION_CHARS, MAX_OPERATOR_CHARS, StationStore, open_store
 
 SOURCE_HEADER = "x-inspect-source"
 FILE_HEADER = "x-inspect-file"
 _PHOTO_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp", ".tif": "image/tiff"}
 _PHOTO_TYPES |= {".webp": "image/webp", ".gif": "image/gif"}
+LABEL_BODY_BYTES = 2 * 1024**2
+"""Largest request body the labeller takes: a review with every box it may hold is under 0.1 MB."""
 
 
 class Recorder:
@@ -133,10 +136,10 @@ def _since(started: float) -> float:
 class _ReviewBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     verdict: str
-    operator: Annotated[str, Field(max_length=80)]
+    operator: Annotated[str, Field(max_length=MAX_OPERATOR_CHARS)]
     defect_type: Annotated[str, Field(max_length=80)] | None = None
-    boxes: list[list[float]] = []
-    description: Annotated[str, Field(max_length=4000)] | None = None
+    boxes: list[list[float]] = []  # how many: store.review_problems (MAX_REVIEW_BOXES)
+    description: Annotated[str, Field(max_length=MAX_DESCRIPTION_CHARS)] | None = None
 
 
 def station_router(
@@ -182,11 +185,14 @@ def station_router(
         return await run_in_threadpool(_found, need(), record_id)
 
     @router.get("/v1/station/records/{record_id}/photo", dependencies=auth)
-    async def photo(record_id: int) -> FileResponse:
+    async def photo(record_id: int) -> Response:
         found = await run_in_threadpool(_found, need(), record_id)
-        path = need().photo_path(found["photo_sha256"], found["photo_suffix"])
+        try:  # the bytes served are the ones just checked against the record's content hash
+            data = await run_in_threadpool(need().read_photo, found["photo_sha256"], found["photo_suffix"])
+        except StationError as err:
+            raise HTTPException(410, f"record {record_id}: {err}") from None
         media = _PHOTO_TYPES.get(found["photo_suffix"], "application/octet-stream")
-        return FileResponse(path, media_type=media, headers={"Cache-Control": "private, max-age=86400"})
+        return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=86400"})
 
     @router.post("/v1/station/records/{record_id}/reviews", dependencies=auth)
     async def review(record_id: int, request: Request) -> dict:
@@ -205,47 +211,24 @@ def _review_body(raw: bytes) -> _ReviewBody:
     try:
         return _ReviewBody.model_validate_json(raw)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())
-        raise HTTPException(422, problems) from None
+        raise HTTPException(422, validation_problems(err.errors())) from None
 
 
 def _filter(request: Request, sample: AuditSample, order: str = "newest") -> HistoryFilter:
     """A HistoryFilter from query parameters (`order` unless one is given); 422 listing every bad one."""
-    query, problems = request.query_params, []
-
-    def number(name: str, kind: type) -> Any:
-        value = query.get(name)
-        if value in (None, ""):
-            return None
-        try:
-            return kind(value)
-        except ValueError:
-            problems.append(f"{name}: {value!r} is not a number")
-            return None
-
-    def day(name: str) -> date | None:
-        value = query.get(name)
-        if not value:
-            return None
-        try:
-            return date.fromisoformat(value)
-        except ValueError:
-            problems.append(f"{name}: {value!r} is not a date (YYYY-MM-DD)")
-            return None
-
-    text = {name: query.get(name) or None for name in ("verdict", "review", "model", "source", "line")}
+    read = QueryReader(request.query_params)
     flt = HistoryFilter(
-        **text,
-        order=query.get("order") or order,
+        **{name: read.text(name) for name in ("verdict", "review", "model", "source", "line")},
+        order=read.text("order") or order,
         sample=sample,
-        p_min=number("p_min", float),
-        p_max=number("p_max", float),
-        since=day("since"),
-        until=day("until"),
-        limit=number("limit", int) or 200,
-        offset=number("offset", int) or 0,
+        p_min=read.number("p_min"),
+        p_max=read.number("p_max"),
+        since=read.day("since"),
+        until=read.day("until"),
+        limit=read.integer("limit", 200),
+        offset=read.integer("offset", 0),
     )
-    problems += flt.problems()
+    problems = read.problems + flt.problems()
     if problems:
         raise HTTPException(422, "; ".join(problems))
     return flt
@@ -270,6 +253,7 @@ def label_app(store: StationStore, api_key: str | None, host: str = "127.0.0.1",
     from vlm_inspect.service.line_routes import line_router
 
     app = FastAPI(title="vlm-inspect label", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, max_bytes=LABEL_BODY_BYTES, respond=error_response)
     guard(app, host, port)
     auth, monitor = [Depends(key_checker(api_key))], LineMonitor(store, LineSettings())
     app.include_router(station_router(store, auth, page_file, monitor.settings.sample))

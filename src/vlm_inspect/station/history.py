@@ -19,9 +19,10 @@ from sqlalchemy.orm import aliased
 
 from vlm_inspect.errors import StationError
 from vlm_inspect.station.audit import AuditSample
+from vlm_inspect.station.periods import day_problems
 from vlm_inspect.station.queue import ORDERS, ordered, unreviewed
 from vlm_inspect.station.schema import Inspection, Photo, Review
-from vlm_inspect.station.store import StationStore
+from vlm_inspect.station.store import MAX_RECORD_ID, StationStore
 
 REVIEW_STATES = ("unreviewed", "reviewed", "confirmed", "corrected", "labelled")
 CSV_COLUMNS = (
@@ -30,6 +31,8 @@ CSV_COLUMNS = (
     "line", "model_defects",
 )  # fmt: skip
 MAX_LIMIT = 1000
+MAX_OFFSET = 2**63 - 1 - MAX_LIMIT
+"""The largest offset SQL takes (a 64-bit integer, with room for one more page)."""
 
 
 @dataclass
@@ -63,9 +66,9 @@ class HistoryFilter:
                 problems.append(f"{name}: {value} is not between 0 and 1")
         if not 1 <= self.limit <= MAX_LIMIT:
             problems.append(f"limit: {self.limit} is not between 1 and {MAX_LIMIT}")
-        if self.offset < 0:
-            problems.append(f"offset: {self.offset} is negative")
-        return problems
+        if not 0 <= self.offset <= MAX_OFFSET:
+            problems.append(f"offset: {self.offset} is not between 0 and {MAX_OFFSET:,}")
+        return problems + day_problems(since=self.since, until=self.until)
 
 
 def _query(flt: HistoryFilter, counting: bool = False) -> Select:
@@ -143,7 +146,7 @@ def all_records(store: StationStore, flt: HistoryFilter) -> list[dict]:
 def get_record(store: StationStore, inspection_id: int) -> dict:
     """One record with its photo's details and every review, oldest first."""
     with store.reading() as session:
-        inspection = session.get(Inspection, inspection_id)
+        inspection = session.get(Inspection, inspection_id) if 0 < inspection_id <= MAX_RECORD_ID else None
         if inspection is None:
             raise StationError(f"{store.where}: no inspection with id {inspection_id}")
         photo = session.get(Photo, inspection.photo_sha256)

@@ -22,7 +22,7 @@ from vlm_inspect.station.audit import Quality, line_quality
 from vlm_inspect.station.line_settings import LineSettings
 from vlm_inspect.station.metrics import LATENCY_BUCKETS_S, latency_percentiles
 from vlm_inspect.station.monitor import health_row, judge_pair
-from vlm_inspect.station.periods import PERIODS, SLOT_S, Period, period_of, slot_moment
+from vlm_inspect.station.periods import PERIODS, SLOT_S, Period, day_problems, period_of, slot_moment
 from vlm_inspect.station.schema import Inspection, Review
 from vlm_inspect.station.spc import p_chart
 from vlm_inspect.station.store import StationStore
@@ -44,6 +44,9 @@ class LineQuery:
 
     def problems(self, shifts_per_day: int) -> list[str]:
         problems = [] if self.period in PERIODS else [f"period: {self.period!r} is not one of {', '.join(PERIODS)}"]
+        dated = day_problems(since=self.since, until=self.until)
+        if dated:
+            return problems + dated
         days = (self.until - self.since).days + 1
         if days < 1:
             problems.append(f"until: {self.until} is before since: {self.since}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import date, datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -19,6 +19,8 @@ PERIODS = ("hour", "shift", "day")
 SLOT_S = 900
 """Seconds in the UTC slots the database counts in (15 minutes)."""
 SHIFT_NAMES = "ABCDEFGHIJKLMNOPQRSTUVWX"
+FIRST_DAY, LAST_DAY = date(1900, 1, 1), date(9998, 12, 31)
+"""The days a history or line view may name: the day after, and a plant's time zone, stay inside the calendar."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,15 @@ class Period:
 
     start: datetime
     label: str
+
+
+def day_problems(**days: date | None) -> list[str]:
+    """What is wrong with each named day (`since=..., until=...`): one outside FIRST_DAY .. LAST_DAY."""
+    return [
+        f"{name}: {day} is not between {FIRST_DAY} and {LAST_DAY}"
+        for name, day in days.items()
+        if day is not None and not FIRST_DAY <= day <= LAST_DAY
+    ]
 
 
 def zone_problems(name: str | None) -> list[str]:

@@ -96,3 +96,15 @@ class Review(Base):
     description: Mapped[str | None] = mapped_column(Text)
     operator: Mapped[str] = mapped_column(String(80))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+class Claim(Base):
+    """A hot-folder photo a watcher is inspecting now (station/claims.py): taken before the model runs, so a second
+    watcher on the same folder leaves the photo alone; deleted once the inspection is recorded."""
+
+    __tablename__ = "claims"
+    source_key: Mapped[str] = mapped_column(Text, primary_key=True)
+    """The photo's ledger key, as `Inspection.source_key` will hold it."""
+    owner: Mapped[str] = mapped_column(String(200))
+    """`host:pid:token` of the watcher holding it."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)

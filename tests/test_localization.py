@@ -188,9 +188,9 @@ def test_results_block_and_summary_rows():
     assert loc.photo_rows("p4", one_model) is None  # not asked: no true box
     assert loc.photo_rows("p6", one_model)["tuned"]["defects"][1]["box"] == [6, 6, 9, 9]
     rows = dict(loc.summary_rows({"localization": block}, models=("tuned",)))
-    assert rows["boxes: ACC@IoU 0.5 (NG photos)"][0].startswith("25.0% [")
-    assert rows["boxes: pointing (true boxes)"][0].startswith("60.0% [")
-    assert rows["boxes: false alarms per OK photo"] == ["1.00 (3/3)"]
+    assert rows["ACC@IoU 0.5 (boxes)"][0].startswith("25.0% [")
+    assert rows["pointing (boxes)"][0].startswith("60.0% [")
+    assert rows["false boxes / OK photo"] == ["1.00 (3/3)"]
     skipped = loc.localization_results(ITEMS[4:], {}, {}, loc.NO_BOXED_NG)
     assert skipped["models"] == {} and skipped["n_ng"] == 0
     assert loc.summary_rows({"localization": skipped}) == [("boxes", [f"not measured: {loc.NO_BOXED_NG}", ""])]

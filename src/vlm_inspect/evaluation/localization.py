@@ -41,7 +41,7 @@ from vlm_inspect.evaluation.report import fmt_interval, fmt_pct
 
 Box = Sequence[float]
 IOU_THRESHOLDS = (0.5, 0.3)
-NO_BOXED_NG = "no NG photo has a defect box or mask to compare the model's boxes with"
+NO_BOXED_NG = "no NG photo has a defect box or mask to compare boxes with"
 SWITCHED_OFF = "switched off (--no-locate)"
 
 
@@ -269,9 +269,9 @@ def summary_rows(results: dict, models: Sequence[str] = ("base", "tuned")) -> li
         return [("boxes", [f"not measured: {block['reason']}", *[""] * (len(models) - 1)])]
     measured = [block["models"][m] for m in models]
     return [
-        ("boxes: ACC@IoU 0.5 (NG photos)", [_share(m["acc_iou"]["0.5"]) for m in measured]),
-        ("boxes: pointing (true boxes)", [_share(m["pointing"]) for m in measured]),
-        ("boxes: false alarms per OK photo", [_rate(m["false_alarms_per_ok_photo"]) for m in measured]),
+        ("ACC@IoU 0.5 (boxes)", [_share(m["acc_iou"]["0.5"]) for m in measured]),
+        ("pointing (boxes)", [_share(m["pointing"]) for m in measured]),
+        ("false boxes / OK photo", [_rate(m["false_alarms_per_ok_photo"]) for m in measured]),
     ]
 
 

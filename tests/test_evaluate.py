@@ -13,6 +13,7 @@ from helpers import make_run
 from vlm_inspect import evaluate as ev
 from vlm_inspect.config import EvaluateConfig, ModelSettings
 from vlm_inspect.errors import ConfigError, DataError, OutputExistsError
+from vlm_inspect.evaluation.localization import NO_BOXED_NG, SWITCHED_OFF
 from vlm_inspect.evaluation.report import write_report
 
 
@@ -126,19 +127,18 @@ def test_unreadable_photos_are_skipped_with_their_reason(tmp_path: Path):
         ev.check_images(items[1:])
 
 
-def test_thumbnail_draws_defect_boxes_scaled(tmp_path: Path):
+def test_thumbnail_is_the_plain_photo_scaled(tmp_path: Path):
+    """The report draws true and predicted boxes over the thumbnail itself, so none is burnt into it."""
     import base64
     import io
 
     from PIL import Image
 
-    photo = Image.new("RGB", (512, 512), "white")
-    uri = ev.thumbnail_uri(photo, [{"type": "spot", "box": [100, 100, 300, 300]}])
-    thumb = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB")
-    assert thumb.size == (256, 256)
-    r, g, b = thumb.getpixel((50, 100))  # on the left edge of the box at half scale
-    assert r > 180 and g < 90 and b < 90
-    assert thumb.getpixel((100, 100))[1] > 200  # inside the box stays white
+    photo = Image.new("RGB", (512, 384), "white")
+    photo.paste((20, 20, 20), (100, 100, 300, 300))
+    thumb = Image.open(io.BytesIO(base64.b64decode(ev.thumbnail_uri(photo).split(",", 1)[1]))).convert("RGB")
+    assert thumb.size == (256, 192)
+    assert min(thumb.getpixel((100, 100))) < 60 and min(thumb.getpixel((20, 20))) > 200
 
 
 def test_questions_are_training_then_heldout_then_file(tmp_path: Path, spot_dataset: Path):
@@ -208,7 +208,10 @@ def test_evaluate_end_to_end_on_tiny_model(tiny_model_dir: Path, lora_run: Path,
     assert not list(tmp_path.glob(".report.*"))  # the temporary sibling is gone
 
     results = json.loads((out / "results.json").read_text())
-    assert results["version"] == 1
+    assert results["version"] == 2
+    # The spot dataset has no defect boxes: nothing to compare boxes with, and no model was asked for any.
+    assert results["localization"]["reason"] == NO_BOXED_NG and results["localization"]["models"] == {}
+    assert all(img["located"] is None and img["size"] == [80, 64] for img in results["images"])
     assert results["data"]["n_images"] == 4 and results["data"]["n_ng"] == 2
     assert results["models"]["base"]["adapter"] is None and results["models"]["tuned"]["adapter"] == str(lora_run)
     qids = [q["id"] for q in results["questions"]]
@@ -257,11 +260,116 @@ def test_base_scores_match_a_plain_base_predictor(tiny_model_dir: Path, lora_run
 def test_evaluate_merged_model_loads_base_separately(tiny_model_dir: Path, short_dataset: Path, tmp_path: Path):
     out = tmp_path / "merged-report"
     cfg = cfg_for(model=str(tiny_model_dir), base=str(tiny_model_dir), data=str(short_dataset), out=str(out),
-                  max_new_tokens=4, gallery_size=2, device="cpu")  # fmt: skip
+                  max_new_tokens=4, gallery_size=2, device="cpu", locate=False)  # fmt: skip
     ev.evaluate(cfg)
     results = json.loads((out / "results.json").read_text())
+    assert results["localization"]["reason"] == SWITCHED_OFF
     assert "--base" in results["models"]["base"]["how"] and "merged" in results["models"]["tuned"]["how"]
     # Here the "merged" folder is the base itself, so both columns must agree exactly.
     for img in results["images"]:
         assert img["p_ng"]["base"] == pytest.approx(img["p_ng"]["tuned"], abs=1e-6)
     assert results["training"]["rows"] == []
+
+
+# ---------------------------------------------------------------- localization, with known boxes
+
+
+TRUTH = {"s1": [17, 16, 37, 36], "s3": [31, 16, 51, 36]}  # the spots the spot dataset draws (80 × 64 photos)
+PLAN = {  # what each model "answers" to the locate question, per photo
+    "tuned": {"s0": [], "s1": [[17, 16, 37, 36]], "s2": [], "s3": [[39, 16, 59, 36]]},
+    "base": {"s0": [[1, 1, 11, 11]], "s1": [], "s2": [[1, 1, 11, 11], [60, 40, 70, 50]], "s3": [[0, 0, 80, 64]]},
+    "compare": {"s0": [], "s1": [], "s2": [], "s3": []},
+}
+
+
+@pytest.fixture
+def boxed_dataset(short_dataset: Path) -> Path:
+    """The short spot dataset whose two NG photos in val.json carry their spot's box, of two defect types."""
+    samples = json.loads((short_dataset / "val.json").read_text())
+    for sample, kind in zip(samples[1::2], ("spot", "dent"), strict=True):
+        sample["defect_type"] = kind
+        sample["defects"] = [{"type": kind, "box": TRUTH[sample["id"]]}]
+    (short_dataset / "val.json").write_text(json.dumps(samples))
+    return short_dataset
+
+
+def test_evaluate_measures_localization_of_every_model(
+    tiny_model_dir: Path, lora_run: Path, boxed_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+):  # fmt: skip
+    """`Predictor.locate` answers known boxes; results.json's measures are those boxes' worked by hand, for the
+    tuned model, the base (the same weights, adapter off) and a --compare model."""
+    import hashlib
+
+    from vlm_inspect.data.images import load_image
+    from vlm_inspect.evaluation.metrics import wilson_interval
+    from vlm_inspect.inference import Answer, Predictor
+    from vlm_inspect.models.fast_paths import adapter_active
+
+    photo_id = {hashlib.sha256(load_image(i.path).tobytes()).hexdigest(): i.id for i in ev.load_items(boxed_dataset)[0]}
+    asked: dict[str, list[str]] = {}
+
+    def locate(self, images, max_new_tokens=128, batch_size=8):
+        who = "compare" if not self.has_adapter else "tuned" if adapter_active(self.model) else "base"
+        ids = [photo_id[hashlib.sha256(image.tobytes()).hexdigest()] for image in images]
+        asked.setdefault(who, []).extend(ids)
+        dropped = {("base", "s1"): 2}
+        return [Answer("", [{"type": "spot", "box": b} for b in PLAN[who][i]], dropped.get((who, i), 0)) for i in ids]
+
+    monkeypatch.setattr(Predictor, "locate", locate)
+    out = tmp_path / "report"
+    cfg = cfg_for(model=str(tiny_model_dir), adapter=str(lora_run), data=str(boxed_dataset), out=str(out),
+                  compare=[str(tiny_model_dir)], max_new_tokens=4, gallery_size=4, device="cpu")  # fmt: skip
+    ev.evaluate(cfg)
+    results = json.loads((out / "results.json").read_text())
+    block = results["localization"]
+    # Each model was asked once per NG photo with a box and once per OK photo.
+    assert {who: sorted(ids) for who, ids in asked.items()} == {w: ["s0", "s1", "s2", "s3"] for w in PLAN}
+    assert block["reason"] is None and (block["n_ng"], block["n_true_boxes"], block["n_ok"]) == (2, 2, 2)
+    assert (
+        block["questions"]["tuned"]
+        == block["questions"]["base"]
+        == "Locate each defect on this box with a bounding box."
+    )
+    assert block["questions"]["compare-1"] == "Locate each defect on this product with a bounding box."
+    assert list(block["models"]) == ["tuned", "base", "compare-1"]
+
+    def share(k: int, n: int) -> dict:
+        low, high = wilson_interval(k, n)
+        return {"value": k / n, "low": low, "high": high, "k": k, "n": n, "reason": None}
+
+    tuned, base, compare = (block["models"][k] for k in ("tuned", "base", "compare-1"))
+    # tuned: s1 exact (IoU 1); s3 moved 8 px right: 12 × 20 overlap, 560 px covered, IoU 3/7, centre still inside
+    assert tuned["acc_iou"] == {"0.5": share(1, 2), "0.3": share(2, 2)}
+    assert tuned["mean_iou"]["value"] == pytest.approx((1 + 3 / 7) / 2)
+    assert tuned["pointing"] == share(2, 2) and tuned["ok_photos_with_boxes"] == share(0, 2)
+    assert tuned["false_alarms_per_ok_photo"] == {"value": 0.0, "boxes": 0, "photos": 2, "reason": None}
+    # base: nothing on s1; the whole photo on s3 (IoU 400 / 5120, its centre on the spot); 3 boxes on 2 OK photos
+    assert base["acc_iou"] == {"0.5": share(0, 2), "0.3": share(0, 2)}
+    assert base["mean_iou"]["value"] == pytest.approx(400 / 5120 / 2)
+    assert base["pointing"] == share(1, 2) and base["ng_photos_with_boxes"] == share(1, 2)
+    assert base["false_alarms_per_ok_photo"] == {"value": 1.5, "boxes": 3, "photos": 2, "reason": None}
+    assert base["ok_photos_with_boxes"] == share(2, 2) and base["boxes_dropped"] == 2
+    assert compare["pointing"] == share(0, 2) and compare["name"] == tiny_model_dir.name
+    assert [(t["type"], t["acc_iou"]["0.5"]["k"]) for t in tuned["per_type"]] == [("dent", 0), ("spot", 1)]
+
+    images = {img["id"]: img for img in results["images"]}
+    assert images["s3"]["located"]["tuned"]["defects"] == [{"type": "spot", "box": [39, 16, 59, 36]}]
+    assert images["s3"]["located"]["tuned"]["iou"] == pytest.approx(3 / 7, abs=1e-6)
+    assert images["s2"]["located"]["base"] == {"defects": [{"type": "spot", "box": b} for b in PLAN["base"]["s2"]],
+                                               "dropped": 0}  # fmt: skip
+    assert all(img["size"] == [80, 64] for img in images.values())
+
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "ACC@IoU 0.5 (boxes)" in shown and "false boxes / OK photo" in shown and "1.50 (3/2)" in shown
+    html = (out / "report.html").read_text()
+    assert html.count('data-box="truth"') == 2  # one true box on each NG photo of the gallery
+    assert html.count('data-box="base"') == 1 + 2 + 1 and html.count('data-box="tuned"') == 2
+    assert 'id="localization-table"' in html and 'data-key="compare-1"' in html
+
+
+def test_the_locate_question_is_the_runs(tiny_model_dir: Path, lora_run: Path):
+    from vlm_inspect.inference import Predictor
+
+    tuned = Predictor.load(ModelSettings(model=tiny_model_dir, adapter=lora_run, device="cpu"))
+    assert tuned.locate_question == "Locate each defect on this box with a bounding box."  # the run's product word

@@ -14,9 +14,11 @@ import pytest
 from PIL import Image
 
 from conftest import CHROMIUM, CHROMIUM_FLAGS
+from vlm_inspect.data.sources import Item
 from vlm_inspect.errors import DataError
+from vlm_inspect.evaluation import localization as loc
 from vlm_inspect.evaluation.metrics import score_metrics
-from vlm_inspect.evaluation.report import write_report
+from vlm_inspect.evaluation.report import TRUTH_COLOR, write_report
 
 QUESTIONS = [
     {"id": "q0", "text": "Is this box OK or NG?", "kind": "training", "default": True},
@@ -106,12 +108,28 @@ class DomSummary(HTMLParser):
         self.srcs: list[str] = []
         self.links: list[str] = []
         self.polylines: list[str] = []
+        self.boxes: dict[str, list[tuple[str, dict]]] = {}  # gallery image id → (who, first rect's attributes)
+        self.viewboxes: list[str] = []
+        self.toggles: list[str] = []
+        self._image: str | None = None
+        self._box: str | None = None
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
         classes = (a.get("class") or "").split()
         if "gallery-item" in classes:
             self.gallery_ids.append(a["data-image-id"] or "")
+            self._image = a["data-image-id"]
+            self.boxes[self._image or ""] = []
+        if tag == "svg" and "boxes" in classes:
+            self.viewboxes.append(a.get("viewbox") or "")
+        if tag == "g" and a.get("data-box") and self._image:
+            self._box = a["data-box"]
+        if tag == "rect" and self._box and self._image:
+            self.boxes[self._image].append((self._box, a))
+            self._box = None  # the halo's rect; the coloured one repeats its geometry
+        if tag == "input" and (a.get("id") or "").startswith("show-"):
+            self.toggles.append(a["id"] or "")
         if tag == "th" and a.get("data-model"):
             self.metric_columns.append(a["data-model"] or "")
         if "answer" in classes:
@@ -122,6 +140,34 @@ class DomSummary(HTMLParser):
             self.links.append(a["href"] or "")
         if tag == "polyline":
             self.polylines.append(a.get("class") or "")
+
+
+def add_localization(results: dict) -> dict:
+    """Localization as evaluate records it: each NG photo's true box [3, 4, 20, 22] (48 × 32 photos); the tuned
+    model boxes it exactly on every NG photo; the base boxes the whole photo, and one box on each OK photo."""
+    items = [
+        Item(img["id"], Path(img["path"]), img["path"], img["label"], img["defect_type"], img["defects"])
+        for img in results["images"]
+    ]
+    plan = {
+        "tuned": lambda label: [[3, 4, 20, 22]] if label == "NG" else [],
+        "base": lambda label: [[0, 0, 48, 32]] if label == "NG" else [[30, 10, 40, 20]],
+    }
+    located = {
+        key: {
+            "question": "Locate each defect on this box with a bounding box.",
+            "photos": {
+                i.id: loc.located_photo(i, [{"type": "spot", "box": b} for b in boxes(i.label)], 0) for i in items
+            },
+        }
+        for key, boxes in plan.items()
+    }
+    results["version"] = 2
+    results["localization"] = loc.localization_results(items, located, {"tuned": "tiny-llava + run"}, None)
+    for img in results["images"]:
+        img["size"] = [48, 32]
+        img["located"] = loc.photo_rows(img["id"], located)
+    return results
 
 
 def summarize(html: str) -> DomSummary:
@@ -216,3 +262,74 @@ def test_report_renders_in_headless_chromium(results_file: Path, tmp_path: Path)
         assert im.size == (390, 2000)
         colors = im.convert("RGB").resize((39, 200)).getcolors(maxcolors=100_000)
         assert colors is not None and len(colors) > 20
+
+
+# ---------------------------------------------------------------- localization
+
+
+@pytest.fixture
+def located_file(tmp_path: Path) -> Path:
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(add_localization(make_results(LABELS, BASE_P, TUNED_P, with_answers=5))), "utf-8")
+    return path
+
+
+def test_gallery_draws_true_and_predicted_boxes_in_photo_pixels(located_file: Path, tmp_path: Path):
+    html = write_report(located_file, tmp_path / "report.html").read_text(encoding="utf-8")
+    dom = summarize(html)
+    assert dom.viewboxes == ["0 0 48 32"] * 5  # every gallery photo has an overlay in its own pixels
+    for image_id in ("img03", "img04"):  # NG: the true box, the tuned model's on it, the base's over everything
+        drawn = {who: (a["x"], a["y"], a["width"], a["height"]) for who, a in dom.boxes[image_id]}
+        assert drawn == {
+            "truth": ("3", "4", "17", "18"),
+            "tuned": ("3", "4", "17", "18"),
+            "base": ("0", "0", "48", "32"),
+        }
+    for image_id in ("img00", "img01", "img02"):  # OK: only the base's false alarm
+        assert [(who, a["x"], a["width"]) for who, a in dom.boxes[image_id]] == [("base", "30", "10")]
+    assert dom.toggles == ["show-tuned", "show-base"]
+    assert "stroke-dasharray" in html and TRUTH_COLOR in html
+    assert "http" not in html.lower()
+
+
+def test_localization_table_shows_each_model_with_intervals(located_file: Path, tmp_path: Path):
+    html = write_report(located_file, tmp_path / "report.html").read_text(encoding="utf-8")
+    assert 'id="localization-table"' in html and 'data-key="tuned"' in html and 'data-key="base"' in html
+    table = html.split('id="localization-table"')[1].split("</table>")[0]
+    tuned, base = table.split('data-key="tuned"')[1].split('data-key="base"')
+    # 3 NG photos, all boxed exactly by the tuned model: 3/3 at IoU 0.5, Wilson [43.9%, 100%]
+    assert '100.0% <span class="muted">(3/3)</span><small>[43.9%–100.0%]</small>' in tuned
+    assert "1.00" in tuned and '0.00 <span class="muted">(0/3)</span>' in tuned  # mean IoU; no false alarm
+    # the base's whole-photo box: IoU 306 / 1536 < 0.3; its centre (24, 16) misses the true box; 3 false alarms
+    assert '0.0% <span class="muted">(0/3)</span>' in base and '1.00 <span class="muted">(3/3)</span>' in base
+    assert 'data-type="spot"' in html and "no box" in html and "false alarm" in html
+
+
+def test_localization_not_measured_says_why(tmp_path: Path):
+    results = make_results(LABELS, BASE_P, TUNED_P, with_answers=5)
+    results["localization"] = loc.localization_results([], {}, {}, loc.NO_BOXED_NG)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results), encoding="utf-8")
+    html = write_report(path, tmp_path / "report.html").read_text(encoding="utf-8")
+    assert f"Localization was not measured: {loc.NO_BOXED_NG}" in html and 'id="localization-table"' not in html
+    assert summarize(html).viewboxes == []  # a version-1 file has no photo sizes: nothing is drawn
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None, reason="Debian chromium not installed"
+)
+def test_boxes_are_painted_over_the_photos_in_headless_chromium(located_file: Path, tmp_path: Path):
+    report = write_report(located_file, tmp_path / "report.html")
+    done = chromium("--dump-dom", report.resolve().as_uri(), tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    dom = summarize(done.stdout)
+    assert sorted(who for who, _ in dom.boxes["img03"]) == ["base", "truth", "tuned"]
+    shot = tmp_path / "wide.png"
+    done = chromium(f"--screenshot={shot}", "--window-size=1200,6000", "--hide-scrollbars", report.resolve().as_uri(),
+                    tmp_path=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    with Image.open(shot) as im:
+        truth = tuple(int(TRUTH_COLOR[i : i + 2], 16) for i in (1, 3, 5))
+        painted = sum(n for n, rgb in im.convert("RGB").getcolors(maxcolors=1_000_000) if rgb == truth)
+    # The legend's key alone is ~50 px; two true boxes scaled up from 48 px photos to ~270 px cards are far more.
+    assert painted > 400, painted

@@ -286,7 +286,9 @@ class EvaluateConfig(ModelSettings):
     batch_size: int = 8
     """Images per forward pass."""
     max_new_tokens: int = 128
-    """Longest answer in the gallery, in tokens."""
+    """Longest generated answer (the gallery's descriptions, the located boxes), in tokens."""
+    locate: bool = True
+    """Ask each model for the defects' boxes on every NG photo with a true box and every OK photo, and measure how well they point at the defects (one generation per photo and model)."""
     gallery_size: int = 48
     """Most images shown with answers in the report."""
     compare: list[str] = field(default_factory=list)

@@ -15,12 +15,12 @@ import datetime as dt
 import gc
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -28,10 +28,17 @@ from rich.table import Table
 
 import vlm_inspect
 from vlm_inspect.config import EvaluateConfig, require, save_config
-from vlm_inspect.data.images import load_image
+from vlm_inspect.data.images import exif_size, load_image
 from vlm_inspect.data.prompts import load_prompts, parse_verdict
 from vlm_inspect.data.sources import Item, load_items
 from vlm_inspect.errors import ConfigError, DataError
+from vlm_inspect.evaluation.localization import (
+    localization_results,
+    located_photo,
+    photo_rows,
+    photos_to_locate,
+    summary_rows,
+)
 from vlm_inspect.evaluation.metrics import score_metrics, verdicts
 from vlm_inspect.evaluation.report import fmt_interval, fmt_pct, write_report
 from vlm_inspect.evaluation.views import model_view
@@ -40,7 +47,7 @@ from vlm_inspect.folders import DatasetFacts, DatasetFolder, ModelFolder, RunFol
 from vlm_inspect.inference import Predictor, trained_with
 from vlm_inspect.outputs import check_replaceable, staged_output
 
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.html"
 THUMBNAIL_SIDE = 256
@@ -91,9 +98,10 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     )
     if not cfg.adapter:
         console.print(f"[bold]merged model[/]: 'after' is {cfg.model}, 'before' is the separate base {cfg.base}")
-    scores, answers, models, gallery = score_both_models(cfg, items, questions)
+    scores, answers, models, gallery, located = score_both_models(cfg, items, questions)
     results = build_results(cfg, items, skipped, questions, scores, answers, models, gallery, thumbnails)
-    results["comparison"] = compare_models(cfg, items, questions[0], results)
+    results["comparison"] = compare_models(cfg, items, questions[0], results, located)
+    add_localization(cfg, items, located, results)
     out = write_outputs(cfg, results)
     print_summary(results, out)
     return out
@@ -148,7 +156,7 @@ def check_images(items: list[Item]) -> tuple[list[Item], list[dict], dict[str, s
         except DataError as err:
             skipped.append({"path": item.shown_path, "reason": str(err)})
             continue
-        thumbnails[item.id] = thumbnail_uri(image, item.defects)
+        thumbnails[item.id] = thumbnail_uri(image)
         good.append(item)
     if not good:
         raise DataError(f"none of the {len(items)} photos could be read (first: {skipped[0]['reason']})")
@@ -157,15 +165,11 @@ def check_images(items: list[Item]) -> tuple[list[Item], list[dict], dict[str, s
     return good, skipped, thumbnails
 
 
-def thumbnail_uri(image: Image.Image, defects: Sequence[dict], side: int = THUMBNAIL_SIDE) -> str:
-    """A small JPEG data URI of the photo with each defect box drawn in red."""
+def thumbnail_uri(image: Image.Image, side: int = THUMBNAIL_SIDE) -> str:
+    """A small JPEG data URI of the photo; the report draws the true and predicted boxes over it (from the
+    photo's `size` and boxes in results.json)."""
     scale = min(1.0, side / max(image.size))
     thumb = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
-    draw = ImageDraw.Draw(thumb)
-    for defect in defects:
-        box = defect.get("box")
-        if box and len(box) == 4:
-            draw.rectangle([v * scale for v in box], outline=(230, 20, 20), width=2)
     buf = io.BytesIO()
     thumb.save(buf, format="JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -255,20 +259,22 @@ def _free_memory() -> None:
 
 def score_both_models(
     cfg: EvaluateConfig, items: list[Item], questions: list[Question]
-) -> tuple[dict, dict, dict, list[str]]:
-    """Scores of every image for every question and model, and greedy answers for the gallery.
+) -> tuple[dict, dict, dict, list[str], dict]:
+    """Scores of every image for every question and model, greedy answers for the gallery, and located boxes.
 
     Returns:
         scores[model][question id] → p(NG) per item; answers[model][item id] → text;
-        models[model] → name and how it was loaded; the gallery's item ids.
+        models[model] → name and how it was loaded; the gallery's item ids; located[model] → `locate_items`
+        (no key when localization is not measured).
     """
     scores: dict[str, dict[str, list[float]]] = {}
     answers: dict[str, dict[str, str]] = {}
     models: dict[str, dict] = {}
     gallery: list[str] = []
+    located: dict[str, dict] = {}
     default = questions[0]
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console) as progress:
+    asked, _ = photos_to_locate(items, cfg.locate)
+    with _progress() as progress:
         for key, predictor, info in model_sessions(cfg):
             models[key] = {"name": info.pop("name", predictor.name), **info, "view": model_view(predictor, items)}
             task = progress.add_task(f"{key}: scoring", total=len(items) * len(questions))
@@ -280,14 +286,19 @@ def score_both_models(
             shown = [i for i in items if i.id in set(gallery)]
             progress.update(task, description=f"{key}: answering", total=len(items) * len(questions) + len(shown))
             answers[key] = describe_items(predictor, shown, default.text, cfg, lambda n, t=task: progress.advance(t, n))
+            if asked:
+                boxes = progress.add_task(f"{key}: locating", total=len(asked))
+                located[key] = locate_items(predictor, asked, cfg, lambda n, t=boxes: progress.advance(t, n))
             # Drop our reference before the next model loads, so a merged model and its base never share memory.
             del predictor
-    return scores, answers, models, gallery
+    return scores, answers, models, gallery, located
 
 
-def compare_models(cfg: EvaluateConfig, items: list[Item], question: Question, results: dict) -> list[dict]:
+def compare_models(
+    cfg: EvaluateConfig, items: list[Item], question: Question, results: dict, located: dict
+) -> list[dict]:
     """Rows of the side-by-side table: the tuned model, the base, then each `--compare` model scored on the same
-    photos with the main question (loaded one at a time)."""
+    photos with the main question (loaded one at a time); each compare model's boxes are added to `located`."""
     labels = [item.label for item in items]
     rows = [
         {"key": m, **results["models"][m], "metrics": results["metrics"][m][question.id]} for m in ("tuned", "base")
@@ -298,6 +309,9 @@ def compare_models(cfg: EvaluateConfig, items: list[Item], question: Question, r
         predictor = Predictor.load(dataclasses.replace(cfg.model_settings(), model=model, adapter=adapter or None))
         console.print(f"comparing {predictor.name}: scoring {len(items)} photos")
         p_ng = score_items(predictor, items, [question], cfg.batch_size, lambda _n: None)[question.id]
+        asked, _ = photos_to_locate(items, cfg.locate)
+        if asked:
+            located[f"compare-{n}"] = locate_with_bar(predictor, asked, cfg, f"compare-{n}: locating")
         info = {"name": predictor.name, "model": model, "adapter": adapter or None, "how": "--compare"}
         rows.append(
             {
@@ -341,6 +355,26 @@ def describe_items(predictor: Any, items: list[Item], question: str, cfg: Evalua
     return answers
 
 
+def locate_items(predictor: Any, items: list[Item], cfg: EvaluateConfig, advance: Any) -> dict:
+    """Each photo's boxes from the model's answer to its locate question (one generation per photo), with each NG
+    photo's score against its true boxes: {"question", "photos": {item id: row}} (see `localization.located_photo`)."""
+    photos: dict[str, dict] = {}
+    for chunk in _chunks(items, IMAGES_PER_CHUNK):
+        images = [_load(item) for item in chunk]
+        found = predictor.locate(images, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        for item, answer in zip(chunk, found, strict=True):
+            photos[item.id] = located_photo(item, answer.defects, answer.boxes_dropped)
+        advance(len(chunk))
+    return {"question": predictor.locate_question, "photos": photos}
+
+
+def locate_with_bar(predictor: Any, items: list[Item], cfg: EvaluateConfig, title: str) -> dict:
+    """`locate_items` with a progress bar of its own."""
+    with _progress() as progress:
+        task = progress.add_task(title, total=len(items))
+        return locate_items(predictor, items, cfg, lambda n: progress.advance(task, n))
+
+
 def choose_gallery(items: list[Item], p_ng: list[float], threshold: float, size: int) -> list[str]:
     """Item ids to describe: the tuned model's mistakes first, then OK and NG photos in turn."""
     called = verdicts(p_ng, threshold)
@@ -351,6 +385,11 @@ def choose_gallery(items: list[Item], p_ng: list[float], threshold: float, size:
     longer = rest_ng if len(rest_ng) > len(rest_ok) else rest_ok
     interleaved += longer[min(len(rest_ng), len(rest_ok)) :]
     return (wrong + interleaved)[:size]
+
+
+def _progress() -> Progress:
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    return Progress(*columns, console=console)
 
 
 def _chunks(items: list[Item], n: int) -> Iterator[list[Item]]:
@@ -422,6 +461,17 @@ def build_results(
     }
 
 
+def add_localization(cfg: EvaluateConfig, items: list[Item], located: dict, results: dict) -> None:
+    """results.json's `localization` block, and each photo's size and every model's boxes on it."""
+    _, reason = photos_to_locate(items, cfg.locate)
+    names = {row["key"]: row["name"] for row in results["comparison"]}
+    results["localization"] = localization_results(items, located, names, reason)
+    for image, item in zip(results["images"], items, strict=True):
+        with Image.open(item.path) as photo:  # the header only; check_images decoded every photo already
+            image["size"] = list(exif_size(photo))
+        image["located"] = photo_rows(item.id, located)
+
+
 def training_rows(adapter: str | None) -> dict:
     """The run's loss per step from its metrics.jsonl, when the adapter is a run's."""
     run = RunFolder.named_by(adapter) if adapter else None
@@ -478,6 +528,8 @@ def print_summary(results: dict, out: Path) -> None:
         table.add_row(title, *cells)
     table.add_row("ROC AUC", *(_auc_text(results["metrics"][m][default["id"]]) for m in ("base", "tuned")))
     table.add_row("held-out wordings: mean bal. acc.", *(_heldout_mean(results, m) for m in ("base", "tuned")))
+    for title, cells in summary_rows(results):
+        table.add_row(title, *cells)
     console.print(table)
     console.print(f"report: {out / REPORT_NAME}")
 

@@ -127,7 +127,14 @@ class Predictor:
             to_fp8(net)
         aspect = trained.image_aspect if trained else "pad"
         return cls(
-            net.eval(), processor, name, settings.adapter is not None, aspect, facts.default_question(), in_force
+            net.eval(),
+            processor,
+            name,
+            settings.adapter is not None,
+            aspect,
+            facts.default_question(),
+            in_force,
+            locate_question=facts.locate_wordings()[0],
         )
 
     def prompt(self, question: str, history: list[tuple[str, str]] | None = None) -> str:

@@ -23,6 +23,8 @@ MODELS = ("base", "tuned")
 MODEL_TITLES = {"base": "Base (before)", "tuned": "Tuned (after)"}
 QUESTION_KINDS = {"training": "training wording", "heldout": "held-out wording", "extra": "your question (held-out)"}
 COLORS = {"base": "#c2610c", "tuned": "#1f5fbf", "OK": "#2e7d32", "NG": "#c62828", "grid": "#d0d4da"}
+TRUTH_COLOR = "#19c832"  # true boxes: solid; each model's boxes: dashed, in its colour
+COMPARE_COLORS = ("#9c27b0", "#00838f", "#6d4c41", "#d81b60")
 # Below this many images of a class, even a perfect score says little about the line (3/n rule).
 SMALL_CLASS = 100
 
@@ -72,6 +74,7 @@ def render_report(results: dict) -> str:
     env.filters["pct"] = fmt_pct
     env.filters["interval"] = fmt_interval
     env.filters["num"] = fmt_num
+    env.globals["boxes_svg"] = lambda img, loc: Markup(boxes_svg(img, loc["order"], loc["colors"]))
     return env.get_template(TEMPLATE).render(**report_context(results))
 
 
@@ -96,6 +99,7 @@ def report_context(results: dict) -> dict:
         "caveats": small_set_caveats(results["data"]["n_ok"], results["data"]["n_ng"]),
         "gallery": gallery_rows(images, main["id"], threshold),
         "comparison": results.get("comparison", []),
+        "loc": localization_context(results),
         "view_warnings": [
             w
             for row in results.get("comparison", [])
@@ -149,6 +153,74 @@ def gallery_rows(images: Sequence[dict], qid: str, threshold: float) -> list[dic
     # Mistakes first: the tuned model's, then the base's (False sorts before True).
     rows.sort(key=lambda row: (row["tuned"]["score_right"], row["base"]["score_right"]))
     return rows
+
+
+def localization_context(results: dict) -> dict:
+    """The localization section and the gallery's boxes: which models located (in table order), their colours,
+    names and measures, and the per-defect-type rows. `block` is None for a results.json without localization."""
+    block = results.get("localization")
+    measured = (block or {}).get("models", {})
+    order = ["tuned", "base", *(row["key"] for row in results.get("comparison", []))]
+    keys = [key for key in dict.fromkeys(order) if key in measured]
+    keys += [key for key in measured if key not in keys]
+    compare = [key for key in keys if key not in MODELS]
+    colors = {
+        **{m: COLORS[m] for m in MODELS},
+        **{k: COMPARE_COLORS[i % len(COMPARE_COLORS)] for i, k in enumerate(compare)},
+    }
+    names = {key: MODEL_TITLES.get(key, measured[key]["name"]) for key in keys}
+    types = sorted({t["type"] for key in keys for t in measured[key]["per_type"]})
+    type_rows = [
+        {"type": kind, **{key: next((t for t in measured[key]["per_type"] if t["type"] == kind), None) for key in keys}}
+        for kind in types
+    ]
+    return {
+        "block": block,
+        "order": keys,
+        "colors": colors,
+        "names": names,
+        "truth_color": TRUTH_COLOR,
+        "type_rows": type_rows,
+    }
+
+
+def boxes_svg(img: dict, keys: Sequence[str], colors: dict[str, str]) -> str:
+    """The photo's true boxes (solid) and each model's boxes (dashed, in its colour) as an SVG laid over its
+    thumbnail, in the photo's own pixels; empty when the photo's size is unknown or it has no box to draw."""
+    size = img.get("size")
+    if not size:
+        return ""
+    parts = [_box_rect(d["box"], TRUTH_COLOR, "truth", d.get("type")) for d in img.get("defects") or [] if _drawable(d)]
+    for key in keys:
+        row = (img.get("located") or {}).get(key)
+        parts += [_box_rect(d["box"], colors[key], key, d.get("type")) for d in (row or {}).get("defects", [])]
+    if not parts:
+        return ""
+    width, height = size
+    return (
+        f'<svg class="boxes" viewBox="0 0 {width} {height}" preserveAspectRatio="none" role="img" '
+        f'aria-label="true and predicted defect boxes">' + "".join(parts) + "</svg>"
+    )
+
+
+def _drawable(defect: dict) -> bool:
+    box = defect.get("box")
+    return isinstance(box, (list, tuple)) and len(box) == 4 and box[2] > box[0] and box[3] > box[1]
+
+
+def _box_rect(box: Sequence[float], color: str, who: str, label: str | None) -> str:
+    x0, y0, x1, y1 = box
+    # A pale halo keeps a box visible on dark and light surfaces; a model's halo is dashed like its box, so a
+    # true box underneath shows through the gaps where the two coincide.
+    dash = "" if who == "truth" else ' stroke-dasharray="6 3"'
+    title = f"<title>{escape(label)}</title>" if label else ""
+    shape = f'x="{x0:g}" y="{y0:g}" width="{x1 - x0:g}" height="{y1 - y0:g}" fill="none"{dash}'
+    return (
+        f'<g class="box box-{escape(who)}" data-box="{escape(who)}">{title}'
+        f'<rect {shape} stroke="#fff" stroke-opacity="0.7" stroke-width="4" vector-effect="non-scaling-stroke"/>'
+        f'<rect {shape} stroke="{color}" stroke-width="2" vector-effect="non-scaling-stroke"/>'
+        "</g>"
+    )
 
 
 def small_set_caveats(n_ok: int, n_ng: int) -> list[str]:

@@ -6,6 +6,7 @@ import importlib.metadata
 import platform
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vlm_inspect.config import EnvConfig
@@ -55,6 +56,6 @@ def env(cfg: EnvConfig | None = None) -> dict:
     table.add_row("CUDA (torch build)", report["cuda"] or "none (CPU build)")
     table.add_row("CUDA devices", f"{len(report['cuda_devices'])}: " + ", ".join(report["cuda_devices"]))
     for extra, present in report["extras"].items():
-        table.add_row(f"extra [{extra}]", "installed" if present else "not installed")
+        table.add_row(escape(f"extra [{extra}]"), "installed" if present else "not installed")
     console.print(table)
     return report

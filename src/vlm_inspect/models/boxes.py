@@ -3,7 +3,9 @@
 A box is always `[x0, y0, x1, y1]` in the *photo's* pixels (upright, after EXIF rotation) outside this module.
 Inside an answer it is in the family's own frame, computed from the same steps the model's input takes:
 
-1. the photo is shrunk to at most `MODEL_INPUT_MAX_SIDE` px a side (`data.images.fit_model_input`);
+1. the photo (or, for a family that reads one image per turn, the composite of its references and the photo,
+   `data.composite`, where the photo lies unscaled at `Placement.at`) is shrunk to at most `MODEL_INPUT_MAX_SIDE`
+   px a side (`data.images.fit_model_input`);
 2. the square families (LLaVA-1.5, Gemma 3) centre it on a square of the mean colour (`data.images.square_image`);
    that square, or the shrunk photo for the others, is the *canvas* the processor receives;
 3. the frame: Qwen2.5-VL's absolute pixels of the canvas after the processor's resize (`smart_resize` at the
@@ -14,7 +16,9 @@ Training answers and the boxes read back from a model's answer go through the sa
 shifts between training and inference. Writing and reading the text is the family's `BoxText`: Qwen's JSON
 `[{"bbox_2d": [x0, y0, x1, y1], "label": "scratch"}]` (also LLaVA-1.5 and Gemma 3) or InternVL's
 `<ref>scratch</ref><box>[[x0, y0, x1, y1]]</box>`. What a model writes badly (unparseable, non-finite, inverted,
-outside the photo, more than `MAX_BOXES`) is dropped and counted, never raised and never returned unclamped.
+outside the photo, more than `MAX_BOXES`) is dropped and counted, never raised and never returned unclamped. A box
+always refers to the inspected photo, never to a reference: one that lies on a reference in a composite is off the
+photo, and dropped.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from vlm_inspect.data.composite import Placement
 
 MAX_BOXES = 20
 """Most boxes read from one answer; more are dropped and counted (a model stuck in a loop writes hundreds)."""
@@ -41,9 +47,10 @@ class View:
 
     photo: tuple[int, int]
     scale: float
-    """Photo pixels → canvas pixels (the memory shrink; 1 for photos up to 2,048 px a side)."""
+    """Photo pixels → canvas pixels (the memory shrink; 1 for photos, or composites, up to 2,048 px a side)."""
     offset: tuple[float, float]
-    """Where the shrunk photo's top left lies on the canvas (square padding; 0 for the other families)."""
+    """Where the shrunk photo's top left lies on the canvas (square padding, and the photo's place in a composite;
+    0 for a photo alone on the other families)."""
     canvas: tuple[float, float]
     frame: tuple[float, float]
     """The size of the canvas in answer coordinates: the resized image (pixels) or (1000, 1000)."""
@@ -77,7 +84,11 @@ class View:
 
 
 def make_view(
-    photo: tuple[int, int], model_input: tuple[int, int], square: str | None, resized: tuple[float, float] | None
+    photo: tuple[int, int],
+    model_input: tuple[int, int],
+    square: str | None,
+    resized: tuple[float, float] | None,
+    within: Placement | None = None,
 ) -> View:
     """The view of a `photo`-sized photo whose model input is `model_input` (after the memory shrink).
 
@@ -85,9 +96,12 @@ def make_view(
         square: "pad" (centred on a square, as `square_image` does), "crop" (the processor's centre crop), or
             None (the photo as it is).
         resized: the frame in pixels (Qwen2.5-VL's resized canvas), or None for thousandths of the canvas.
+        within: where the photo lies in the composite the processor is given instead (then `model_input` is the
+            composite's); None for the photo alone.
     """
     width, height = model_input
-    scale = width / photo[0]
+    whole, at = (within.size, within.at) if within else (photo, (0, 0))
+    scale = width / whole[0]
     if square is None:
         canvas, offset = (float(width), float(height)), (0.0, 0.0)
     else:
@@ -100,6 +114,7 @@ def make_view(
             else ((side - width) / 2, (side - height) / 2)
         )
     frame = resized or (THOUSANDTHS, THOUSANDTHS)
+    offset = (offset[0] + at[0] * scale, offset[1] + at[1] * scale)
     return View(photo, scale, (float(offset[0]), float(offset[1])), canvas, (float(frame[0]), float(frame[1])))
 
 

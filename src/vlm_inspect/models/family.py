@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from PIL import Image
 
+from vlm_inspect.data.composite import Placement, composite, placement
+from vlm_inspect.data.images import model_input_size, square_image
 from vlm_inspect.errors import ModelFolderError
 from vlm_inspect.models.boxes import JSON_BOXES, JsonBoxes, RefBoxes, View, make_view
 
@@ -53,6 +56,11 @@ class Family:
     box_frame: Literal["resized", "thousandths"] = "thousandths"
     """The coordinates of those boxes: pixels of the image after the processor's resize (Qwen2.5-VL), or 0–1000
     of the image the model is given (Qwen3-VL, InternVL; LLaVA-1.5 and Gemma 3 by this project's convention)."""
+    reference_layout: Literal["separate", "composite"] = "separate"
+    """How known-good reference photos reach it beside the photo to inspect: `separate`, each its own image part of
+    the one user turn, first, at the photo's resolution (the families whose checkpoints take several images per
+    turn); `composite`, pasted with the photo into one image (`data.composite`), for a family trained on one image
+    per conversation (LLaVA-1.5)."""
     fast_paths: bool = False
     """Whether the measured GPU fast paths for scoring and describing (compiled layers, CUDA-graph greedy
     decoder) are on for it."""
@@ -111,16 +119,52 @@ class Family:
         """What a `width` × `height` model input becomes in the encoder's pixels."""
         return (self.seen_size or square_view)(processor, width, height)
 
-    def view(self, processor: Any, photo: tuple[int, int], model_input: tuple[int, int], aspect: str = "pad") -> View:
+    def view(
+        self,
+        processor: Any,
+        photo: tuple[int, int],
+        model_input: tuple[int, int],
+        aspect: str = "pad",
+        within: Placement | None = None,
+    ) -> View:
         """How a photo reaches this family's encoder, and the frame its answers' boxes use (models/boxes.py).
 
-        `model_input` is the photo's size after the memory shrink (`data.images.model_input_size`); `aspect` is
-        the run's image_aspect, read by the square families only."""
+        `model_input` is the size after the memory shrink (`data.images.model_input_size`) of what the processor
+        is given: the photo, or the composite `within` describes; `aspect` is the run's image_aspect, read by the
+        square families only."""
         square = aspect if self.square_pad else None
         side = max(model_input) if aspect == "pad" else min(model_input)
         canvas = (side, side) if square else model_input
         resized = self.seen(processor, *canvas) if self.box_frame == "resized" else None
-        return make_view(photo, model_input, square, resized)
+        return make_view(photo, model_input, square, resized, within)
+
+    def image_parts(self, references: int) -> int:
+        """How many images one conversation's first turn holds for a photo judged against `references` photos."""
+        return 1 if self.reference_layout == "composite" else references + 1
+
+    def placed(self, photo: tuple[int, int], references: list[tuple[int, int]]) -> Placement | None:
+        """Where the photo lies in the composite it is given in (composite families, with references), else None."""
+        if self.reference_layout != "composite" or not references:
+            return None
+        return placement(photo, references)
+
+    def view_with(
+        self, processor: Any, photo: tuple[int, int], references: list[tuple[int, int]], aspect: str = "pad"
+    ) -> View:
+        """`view` of a photo judged against references of these sizes (a composite's photo part, where there is
+        one)."""
+        within = self.placed(photo, references)
+        return self.view(processor, photo, model_input_size(*(within.size if within else photo)), aspect, within)
+
+    def model_images(
+        self, photo: Image.Image, references: list[Image.Image], mean: list[float], aspect: str
+    ) -> list[Image.Image]:
+        """The images the processor gets for one photo judged against `references`, in the order of the turn's
+        image parts: the references then the photo, each shrunk and squared alike (`separate`), or their composite
+        shrunk and squared once (`composite`)."""
+        if self.reference_layout == "composite" and references:
+            return [square_image(composite(references, photo)[0], mean, aspect)]
+        return [square_image(image.convert("RGB"), mean, aspect) for image in [*references, photo]]
 
     def set_resolution(self, processor: Any, image_max_tokens: int | None) -> int | None:
         """Apply image_max_tokens to the processor (dynamic families); the value in force, or None if fixed."""

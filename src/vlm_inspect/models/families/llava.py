@@ -148,6 +148,11 @@ FAMILY = Family(
     projector="multi_modal_projector",
     chat_template=LLAVA_CHAT_TEMPLATE,
     square_pad=True,
+    # One image per conversation in its training, a fixed 576-token view: references and photo are pasted into one
+    # image (data/composite.py) rather than refused, so every verb works on it with a reference. The cost is
+    # resolution: the photo gets 1/2 (side by side) to 2/3 (stacked) of the view's side, and a second image part of
+    # 576 tokens was never in its training.
+    reference_layout="composite",
     fast_paths=True,
     compile_training=True,
     foreign_layout=original_layout,

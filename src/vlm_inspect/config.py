@@ -56,6 +56,8 @@ class ModelSettings:
     precision: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = "auto"
     """Weights' precision; auto is bf16 on a GPU that has it, fp32 on CPU. fp8: the language-model
     linears stored and run in FP8 (the rest bf16), on GPUs of compute capability 8.9+."""
+    reference: str | None = None
+    """Known-good photos each photo is judged against: a photo or a folder of them, or none (the photo alone); unset: the run's references (or the merged model's), none for a model without."""
 
     def model_settings(self) -> ModelSettings:
         """This group alone (a copy), as `Predictor.load` takes it."""
@@ -63,6 +65,8 @@ class ModelSettings:
 
     def model_problems(self) -> list[str]:
         problems = [] if self.model else ["model: required"]
+        if self.reference not in (None, "none") and not Path(self.reference).exists():
+            problems.append(f"reference: {self.reference} is no photo or folder (or none, for the photo alone)")
         return problems + image_budget_problems(self.image_max_tokens)
 
 
@@ -94,6 +98,10 @@ class PrepareConfig:
     """What the photos show, used in questions and answers (e.g. 'box')."""
     max_image_pixels: int = 100_000_000
     """Images larger than this many pixels are skipped (decompression-bomb guard)."""
+    reference: str = "auto"
+    """Known-good photos shown before every photo: auto (the source's reference/ folder if it has one, else none), ok (the most typical OK photos, taken out of the samples), a folder of photos, or none (one photo per conversation, as without references)."""
+    reference_count: int = 1
+    """With reference=ok: how many OK photos become references (each costs a photo's image tokens per sample)."""
     overwrite: bool = False
     """Replace an existing non-empty output folder."""
 

@@ -55,7 +55,8 @@ from transformers import (
 )
 
 from vlm_inspect.config import TrainConfig
-from vlm_inspect.data.dataset import Collator, load_training_dataset, square_image
+from vlm_inspect.data.dataset import Collator, load_training_dataset
+from vlm_inspect.data.images import square_image
 from vlm_inspect.inference import Predictor
 from vlm_inspect.models.chat import IMAGE, conversation
 from vlm_inspect.models.chat import prompt as chat_prompt

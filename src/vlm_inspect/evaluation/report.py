@@ -96,6 +96,7 @@ def report_context(results: dict) -> dict:
         "caveats": small_set_caveats(results["data"]["n_ok"], results["data"]["n_ng"]),
         "gallery": gallery_rows(images, main["id"], threshold),
         "comparison": results.get("comparison", []),
+        "reference": results.get("reference"),
         "view_warnings": [
             w
             for row in results.get("comparison", [])

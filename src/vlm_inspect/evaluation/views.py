@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from vlm_inspect.data.images import exif_size, model_input_size
+from vlm_inspect.data.images import exif_size
 
 
 def patch_px(model: Any) -> int:
@@ -29,7 +29,7 @@ def model_view(predictor: Any, items: Sequence[Any]) -> dict:
     Returns {family, patch_px, photo: {width, height, seen_width, seen_height}, defects: [{id, type, box_px,
     seen_px, below_patch}], n_boxes, n_below_patch, median_seen_px, smallest, reason}; `reason` says why there is no
     defect to measure (no NG photo with a box)."""
-    family, processor = predictor.family, predictor.processor
+    family = predictor.family
     patch = patch_px(predictor.model)
     sizes = [_size(item.path) for item in items]
     rows = []
@@ -37,7 +37,7 @@ def model_view(predictor: Any, items: Sequence[Any]) -> dict:
         boxes = [d for d in item.defects or [] if d.get("box")] if item.label == "NG" else []
         if not boxes:
             continue
-        scale = family.seen(processor, *model_input_size(width, height))[0] / width
+        scale = seen_scale(predictor, (width, height))[0]
         for defect in boxes:
             x0, y0, x1, y1 = defect["box"]
             seen = [round((x1 - x0) * scale, 1), round((y1 - y0) * scale, 1)]
@@ -51,7 +51,8 @@ def model_view(predictor: Any, items: Sequence[Any]) -> dict:
                 }
             )
     width, height = _typical(sizes)
-    seen_width, seen_height = family.seen(processor, *model_input_size(width, height))
+    scale_x, scale_y = seen_scale(predictor, (width, height))
+    seen_width, seen_height = width * scale_x, height * scale_y
     return {
         "family": family.name,
         "patch_px": patch,
@@ -63,6 +64,14 @@ def model_view(predictor: Any, items: Sequence[Any]) -> dict:
         "smallest": min(rows, key=lambda r: max(r["seen_px"])) if rows else None,
         "reason": None if rows else "no NG photo with a defect box or mask to measure",
     }
+
+
+def seen_scale(predictor: Any, photo: tuple[int, int]) -> tuple[float, float]:
+    """Encoder pixels per photo pixel across and down, the photo judged against the predictor's references: its
+    part of a composite (LLaVA-1.5 with references) is seen smaller than the photo alone."""
+    view = predictor.view(photo)
+    (width, height), canvas = predictor.family.seen(predictor.processor, *view.canvas), view.canvas
+    return view.scale * width / canvas[0], view.scale * height / canvas[1]
 
 
 def warning(view: dict, name: str) -> str | None:

@@ -343,6 +343,7 @@ def test_api_key_required_on_every_api_route_401():
     with make_client(api_key=KEY) as client:
         calls = [
             ("get", "/v1/models", {}),
+            ("get", "/v1/reference", {}),
             ("post", "/v1/inspect", {"files": {"file": ("a.png", photo_bytes())}}),
             ("post", "/v1/chat/completions", {"json": chat_body()}),
         ]

@@ -56,8 +56,8 @@ class ModelSettings:
     precision: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = "auto"
     """Weights' precision; auto is bf16 on a GPU that has it, fp32 on CPU. fp8: the language-model
     linears stored and run in FP8 (the rest bf16), on GPUs of compute capability 8.9+."""
-    reference: str | None = None
-    """Known-good photos each photo is judged against: a photo or a folder of them, or none (the photo alone); unset: the run's references (or the merged model's), none for a model without."""
+    reference: str = "run"
+    """Known-good photos each photo is judged against: run (the run's own references, or the merged model's; none for a model without), none (the photo alone), or a photo or a folder of them."""
 
     def model_settings(self) -> ModelSettings:
         """This group alone (a copy), as `Predictor.load` takes it."""
@@ -65,8 +65,8 @@ class ModelSettings:
 
     def model_problems(self) -> list[str]:
         problems = [] if self.model else ["model: required"]
-        if self.reference not in (None, "none") and not Path(self.reference).exists():
-            problems.append(f"reference: {self.reference} is no photo or folder (or none, for the photo alone)")
+        if self.reference not in ("run", "none") and not Path(self.reference).exists():
+            problems.append(f"reference: {self.reference} is not run, none, or a photo or folder of known-good photos")
         return problems + image_budget_problems(self.image_max_tokens)
 
 

@@ -83,7 +83,7 @@ def trained_reference(settings: ModelSettings, model: ModelFolder) -> Reference:
     else the run's (the adapter's run folder, or a merged model's copy), else none."""
     if settings.reference == "none":
         return NO_REFERENCE
-    if settings.reference:
+    if settings.reference != "run":
         return Reference.from_paths(Path(settings.reference).name, [settings.reference])
     if settings.adapter:
         _, run = open_adapter(settings.adapter)

@@ -238,7 +238,8 @@ async def _read_inspect_request(
             f"content type {content_type or '(none)'} is not accepted: send multipart/form-data with a 'file' "
             'field, or application/json {"image": "<base64>"}',
         )
-    check_size(data + b"".join(photo for _, photo in named or [] if isinstance(named, list)), max_upload)
+    sent = [photo for _, photo in named] if isinstance(named, list) else []
+    check_size(b"".join([data, *sent]), max_upload)  # the photo and its references share the upload limit
     return data, asked, threshold, named
 
 

@@ -166,7 +166,7 @@ def reference_run(request, tmp_path_factory: pytest.TempPathFactory, reference_d
         str(reference_dataset),
         "--out",
         str(run),
-        "min_steps=12",
+        "min_steps=8",
         *FAST,
     )
     return request.param, root / "model", run

@@ -346,3 +346,47 @@ def test_shipped_prompts_need_a_reference_intro(tmp_path: Path):
     with pytest.raises(DataError) as err:
         load_prompts("en", tmp_path / "p.yaml")
     assert "reference_intro.many: missing" in str(err.value) and "{thing}" in str(err.value)
+
+
+@pytest.mark.integration
+def test_evaluate_puts_the_models_with_and_without_their_reference_side_by_side(
+    tiny_model, reference_dataset: Path, spot_dataset: Path, tmp_path: Path
+):
+    model = tiny_model("llava")
+    run = make_run(tmp_path / "run", model, reference_dataset)
+    out = tmp_path / "report"
+    args = ["evaluate", "--model", str(model), "--adapter", str(run), "--data", str(reference_dataset)]
+    result = runner.invoke(app, [*args, "--out", str(out), "--gallery-size", "2", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    section, q0 = results["reference"], results["questions"][0]["id"]
+    assert section["reason"] is None and section["thumbnails"][0]["file"] == "ref_01.png"
+    rows = {(r["key"], r["with_reference"]): r for r in section["rows"]}
+    assert set(rows) == {("tuned", True), ("tuned", False), ("base", True), ("base", False)}
+    for key in ("tuned", "base"):  # "with" is the main table's scoring; "without" is the photo alone
+        assert rows[(key, True)]["metrics"] == results["metrics"][key][q0]
+        assert (
+            rows[(key, True)]["reference"]["photos"][0]["file"] == "ref_01.png" and not rows[(key, False)]["reference"]
+        )
+        assert rows[(key, True)]["p_ng"] != rows[(key, False)]["p_ng"]
+    html = (out / "report.html").read_text()
+    assert "What the reference buys" in html and html.count('data-with="') == 4
+    plain = make_run(tmp_path / "plain", model, spot_dataset)
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--model",
+            str(model),
+            "--adapter",
+            str(plain),
+            "--data",
+            str(spot_dataset),
+            "--out",
+            str(tmp_path / "r2"),
+            "--gallery-size",
+            "0",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "has no references" in json.loads((tmp_path / "r2" / "results.json").read_text())["reference"]["reason"]

@@ -346,6 +346,9 @@ class DemoConfig:
     """Smaller sizes for CI; same code path."""
     seed: int = 0
     """Seed for images, model and training."""
+    reference: bool = False
+    """Show a known-good box from the same station before every photo, in training and evaluation (the report then
+    puts the tuned model with and without it side by side)."""
     overwrite: bool = False
     """Replace an existing demo folder."""
 

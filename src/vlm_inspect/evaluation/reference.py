@@ -3,7 +3,7 @@
 `evaluate` scores every photo with each model's references (the run's, or `--reference`); this section scores the
 main question again with the photo alone (`NO_REFERENCE`), so a team sees on its own photos what the golden sample
 changes: accuracy, escape, overkill and AUC side by side, and, for NG photos with boxes, how many of their boxes
-the located answers find (IoU ≥ 0.5) with and without. The scores with references are the ones results.json
+the tuned model's located answers find (IoU ≥ 0.5) with and without. The scores with references are the ones results.json
 already holds; only the runs without are new. A model trained with references and asked without them is off its
 training: the "without" rows say how much it leans on the reference; a run prepared with `--reference none` is the
 baseline of what a model without references would do.
@@ -34,8 +34,8 @@ CHUNK = 64
 """Photos held in memory at once."""
 IOU_FOUND = 0.5
 THUMBNAIL_SIDE = 256
-MAX_LOCATED = 48
-"""Most boxed NG photos whose boxes are asked for (each a generation per model and setting)."""
+MAX_LOCATED = 24
+"""Most boxed NG photos whose boxes the tuned model is asked for (a generation each, with and without references)."""
 
 
 def reference_comparison(
@@ -56,6 +56,7 @@ def reference_comparison(
     """
     labels = [item.label for item in items]
     boxed = [item for item in items if item.label == "NG" and any(d.get("box") for d in item.defects)][:MAX_LOCATED]
+    boxed = boxed if boxed else None
     rows: list[dict] = []
     thumbnails: list[dict] = []
     for key, predictor, _ in sessions:
@@ -72,7 +73,7 @@ def reference_comparison(
                     "with_reference": bool(used),
                     "reference": used.record(),
                     "metrics": score_metrics(p_ng, labels, settings.threshold, settings.max_escape),
-                    "localization": _localization(predictor, boxed, used, settings) if boxed else None,
+                    "localization": _localization(predictor, boxed, used, settings) if key == "tuned" else None,
                     "p_ng": [round(p, 6) for p in p_ng],
                 }
             )
@@ -104,8 +105,11 @@ def _scores(predictor: Any, items: Sequence[Any], question: str, batch_size: int
     return out
 
 
-def _localization(predictor: Any, items: Sequence[Any], reference: Any, settings: Any) -> dict:
-    """How many true boxes of the boxed NG photos a located answer finds (IoU ≥ 0.5), and their mean best IoU."""
+def _localization(predictor: Any, items: Sequence[Any] | None, reference: Any, settings: Any) -> dict | None:
+    """How many true boxes of the boxed NG photos a located answer finds (IoU ≥ 0.5), and their mean best IoU; None
+    without boxed NG photos. The tuned model only: the base was never taught to box."""
+    if not items:
+        return None
     best: list[float] = []
     for start in range(0, len(items), CHUNK):
         chunk = items[start : start + CHUNK]

@@ -24,6 +24,13 @@ per budget: LoRA at the 24 GB plan (ours; plain and peer at the batch it chose),
 describe 48 tokens at batch 1 and 8; then LoRA with compiled layers, then the peer describe rows (each
 compiles generate for its batch size):
     PYTHONPATH=src python benchmarks/gpu.py --family qwen2_5_vl --image-tokens 1280,576 --out q.json
+
+`--only ...,reference` (Qwen families, issue 26) adds, beside the single-photo rows of the same run, the rows with one
+known-good reference photo before every photo (the product's default: the same size and budget, so twice the
+image tokens): OK/NG score at batch 32 and LoRA at the 24 GB plan, ours, on a dataset written with a reference/
+folder as `prepare` writes it. The Qwen2.5-VL-7B rows with and without a reference, in one run:
+    PYTHONPATH=src python benchmarks/gpu.py --family qwen2_5_vl --only infer,train,reference --only-ours --out r.json
+On CPU, add `--tiny --image-tokens 64` to check the script.
 """
 
 from __future__ import annotations
@@ -55,7 +62,10 @@ from transformers import (
 )
 
 from vlm_inspect.config import TrainConfig
-from vlm_inspect.data.dataset import Collator, load_training_dataset, square_image
+from vlm_inspect.data.dataset import Collator, load_training_dataset
+from vlm_inspect.data.images import square_image
+from vlm_inspect.data.prompts import load_prompts
+from vlm_inspect.data.reference import ReferencePhoto, read_reference_folder, write_reference_folder
 from vlm_inspect.inference import Predictor
 from vlm_inspect.models.chat import IMAGE, conversation
 from vlm_inspect.models.chat import prompt as chat_prompt
@@ -340,8 +350,9 @@ class Bench:
         self.model = model.requires_grad_(False)
         return model
 
-    def dataset(self) -> Any:
-        return load_training_dataset(self.data, self.processor, self.family, max_length=4096, augment=True, seed=0)
+    def dataset(self, data: Path | None = None) -> Any:
+        folder = data or self.data
+        return load_training_dataset(folder, self.processor, self.family, max_length=8192, augment=True, seed=0)
 
     # ------------------------------------------------------------ flops
 
@@ -466,20 +477,32 @@ def answer_of_length(processor: Any, text_tokens: int | None, answer_tokens: int
     raise RuntimeError(f"no answer gives {text_tokens} text tokens")
 
 
-def write_dataset(folder: Path, processor: Any, n: int, size: tuple[int, int] = (480, 360)) -> Path:
-    """A prepare-style dataset folder: photos, train.json (LLaVA: 576 image + 64 text tokens each), manifest."""
+def write_dataset(
+    folder: Path, processor: Any, n: int, size: tuple[int, int] = (480, 360), reference: bool = False
+) -> Path:
+    """A prepare-style dataset folder: photos, train.json (LLaVA: 576 image + 64 text tokens each), manifest; with
+    `reference`, a clean box in reference/ shown before every photo, the question saying so, as prepare writes it."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     if processor.chat_template and "im_start" in processor.chat_template:
         answer, _ = answer_of_length(processor, None, QWEN_ANSWER_TOKENS)
     else:
         answer, _ = answer_of_length(processor, TEXT_TOKENS)
+    question, shown, manifest = QUESTION, {}, {"language": "en", "product": "product"}
+    if reference:
+        question = load_prompts("en").reference_question(QUESTION, 1, "product")
+        shown = {"reference": ["reference/ref_01.png"]}
+        manifest["prompts"] = {"reference_intro": load_prompts("en").reference_intros("product")}
+        clean = folder / "clean.png"
+        photo(2 * n, size).save(clean)  # an even index: a box without a spot, none of the samples
+        write_reference_folder(folder / "reference", [(clean, ReferencePhoto("ref_01.png", "clean.png", "-", *size))])
     samples = []
     for i in range(n):
         photo(i, size).save(folder / "images" / f"{i:03d}.png")
-        conversation = [{"from": "human", "value": f"{IMAGE}\n{QUESTION}"}, {"from": "gpt", "value": answer}]
-        samples.append({"id": f"s{i}", "image": f"images/{i:03d}.png", "conversations": conversation})
+        first = f"{IMAGE}\n" * (2 if reference else 1) + question
+        conversation = [{"from": "human", "value": first}, {"from": "gpt", "value": answer}]
+        samples.append({"id": f"s{i}", "image": f"images/{i:03d}.png", **shown, "conversations": conversation})
     (folder / "train.json").write_text(json.dumps(samples))
-    (folder / "manifest.json").write_text(json.dumps({"language": "en", "product": "product"}))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
 
@@ -769,11 +792,10 @@ def train_ours(
     """
     forced_layers = settings.pop("checkpoint_layers", None)
     undo = settings.pop("undo", ())
-    cfg = TrainConfig(
-        model="(in memory)", data=str(bench.data), out=str(bench.work / "run"), batch_size=batch, **settings
-    )
+    data = settings.pop("data", bench.data)  # a dataset with references (reference_rows)
+    cfg = TrainConfig(model="(in memory)", data=str(data), out=str(bench.work / "run"), batch_size=batch, **settings)
     model = training_model.apply_lora(bench.model, cfg, family_of_model(bench.model))
-    dataset = bench.dataset()
+    dataset = bench.dataset(data)
     real_budget = memory.gpu_memory_gib
     if (
         budget_gib is not None and bench.device.type == "cuda"
@@ -812,6 +834,7 @@ def train_ours(
             estimate_gib=checkpointing.estimate_gib,
             compiled=loop.use_compile(cfg, bench.device, bench.family),
             seq_tokens_max=max(dataset.lengths),
+            reference_tokens=max(tokens for _, tokens in dataset.image_tokens),
             first_steps_s=round(timer.times[bench.warmup - 1] - started, 1),
             compile_s=timer.compile_s(started, bench.warmup),
             losses=[round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r],
@@ -961,6 +984,9 @@ def family_rows(bench: Bench, budgets: list[int], sections: set[str], only_ours:
             train_ours(bench, f"LoRA train{tag}", "ours fp8 (24 GB plan)", None, budget_gib=card)
     if "infer" in sections and not only_ours and bench.time_left():
         infer_rows(bench, tag, score=False, describe=("peer",), batches=(1,))
+    if "reference" in sections and bench.time_left():
+        score, train = "infer" in sections or "train" not in sections, "train" in sections or "infer" not in sections
+        reference_rows(bench, tag, card, score, train)
     if "numerics" in sections and fp8 and bench.time_left():
         fp8_numerics_rows(bench)
     for precision in ("bf16", "fp8") if "compiled" in sections else ():  # training compiled, where it is off
@@ -968,6 +994,38 @@ def family_rows(bench: Bench, budgets: list[int], sections: set[str], only_ours:
             setup = f"ours{' fp8' if precision == 'fp8' else ''}, compiled layers (24 GB plan)"
             with fp8_base(bench) if precision == "fp8" else contextlib.nullcontext():
                 train_ours(bench, f"LoRA train{tag}", setup, None, budget_gib=card, compile=True)
+
+
+def reference_rows(bench: Bench, tag: str, card: float, score: bool = True, train: bool = True) -> None:
+    """Issue 26: our OK/NG score at batch 32 and LoRA at the 24 GB plan with one known-good reference photo before
+    every photo (another photo of the same size, at the same image-token budget), beside the rows without it."""
+    data = write_dataset(
+        bench.work / "data-reference", bench.processor, 48 if bench.tiny else 128, bench.photo_size, True
+    )
+    reference = read_reference_folder(data / "reference")
+    if score and bench.time_left():
+        model = bench.model.eval()
+        predictor = Predictor(model, bench.processor, "random 7B", has_adapter=False, reference=reference)
+        batch = 32 if not bench.tiny else 4
+        group = bench.images[:batch]
+        row = Row(f"OK/NG score, batch 32{tag} + 1 reference", "ours", batch)
+        try:
+            fn = lambda: predictor.score(group, QUESTION, batch_size=batch)  # noqa: E731
+            started = time.perf_counter()
+            fn()
+            first = time.perf_counter() - started
+            reset_peak(bench.device)
+            seconds = timed(bench.device, fn, 3)
+            row.rate, row.peak_gib = batch / seconds, peak_gib(bench.device)
+            prompt_tokens = predictor._inputs(group[:1], [predictor.prompt(QUESTION)])["input_ids"].shape[1]
+            row.detail.update(compile_s=round(first - seconds, 1), prompt_tokens=prompt_tokens)
+            row.detail["reference_tokens"] = bench.image_tokens
+        except Exception as err:
+            row.error = f"{type(err).__name__}: {err}"[:400]
+            traceback.print_exc()
+        bench.record(row)
+    if train and bench.time_left():
+        train_ours(bench, f"LoRA train{tag} + 1 reference", "ours (24 GB plan)", None, budget_gib=card, data=data)
 
 
 def fp8_numerics_rows(bench: Bench) -> None:
@@ -1752,7 +1810,8 @@ def main() -> None:
         default=None,
         help="comma-separated: probe, train, plan (the 24 GB rows only), infer, score (the score rows alone), "
         "qlora (default train,infer,qlora); Qwen families: parity, train, infer, fp8 (default these four), "
-        "numerics (FP8 logits against bf16), compiled (LoRA rows with compiled layers)",
+        "numerics (FP8 logits against bf16), compiled (LoRA rows with compiled layers), reference (score and "
+        "LoRA with a known-good reference before every photo; with infer or train, only those of the two)",
     )
     parser.add_argument("--tiny", action="store_true", help="small model on CPU: checks the script, not the speed")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results (written after each row)")

@@ -43,7 +43,19 @@ class StandIn:
         self.calls += 1
         time.sleep(self.seconds)
 
-    def score(self, images, question=None, batch_size=8):
+    @property
+    def reference(self):
+        from vlm_inspect.data.reference import NO_REFERENCE
+
+        return NO_REFERENCE
+
+    def reference_for(self, reference=None):
+        return self.reference if reference is None else reference
+
+    def prompt(self, question, history=None, reference=None):
+        return question
+
+    def score(self, images, question=None, batch_size=8, reference=None):
         self._work()
         return [0.5] * len(images)
 
@@ -51,11 +63,16 @@ class StandIn:
         self._work()
         return ["a box"] * len(images)
 
-    def generate(self, images, prompts, max_new_tokens=64, temperature=0.0):
+    def generate(self, images, prompts, max_new_tokens=64, temperature=0.0, reference=None):
         self._work()
         return ["OK."] * len(images)
 
-    def stream(self, image, prompt, max_new_tokens=64, temperature=0.0):
+    def read_answer(self, text, image, reference=None):
+        from vlm_inspect.inference import Answer
+
+        return Answer(text, [], 0)
+
+    def stream(self, image, prompt, max_new_tokens=64, temperature=0.0, reference=None):
         self._work()
         yield "OK."
 

@@ -38,14 +38,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_spot_dataset(
-    out: Path, n: int = 16, size: tuple[int, int] = (80, 64), language: str = "en", product: str = "box"
+    out: Path,
+    n: int = 16,
+    size: tuple[int, int] = (80, 64),
+    language: str = "en",
+    product: str = "box",
+    reference: bool = False,
 ) -> Path:
-    """A LLaVA-format dataset of light boxes, every other one with a dark spot (NG)."""
+    """A LLaVA-format dataset of light boxes, every other one with a dark spot (NG); with `reference`, a clean box
+    in `reference/` (as prepare writes it) is shown before every photo and its first question says so."""
     import json
 
     from PIL import Image, ImageDraw
 
     (out / "images").mkdir(parents=True, exist_ok=True)
+    intro = _reference_intro(out, size, product) if reference else ""
     samples = []
     for i in range(n):
         ng = i % 2 == 1
@@ -55,8 +62,9 @@ def write_spot_dataset(
             ImageDraw.Draw(image).ellipse((x, 16, x + 20, 36), fill=(15, 15, 15))
         image.save(out / "images" / f"{i:03d}.png")
         answer = "NG. There is a black spot on the box." if ng else "OK. The box has no visible defects."
+        question = f"{intro} Is this box OK or NG?" if reference else "Is this box OK or NG?"
         conversations = [
-            {"from": "human", "value": "<image>\nIs this box OK or NG?"},
+            {"from": "human", "value": "<image>\n" * (2 if reference else 1) + question},
             {"from": "gpt", "value": answer},
         ]
         if ng:
@@ -70,12 +78,38 @@ def write_spot_dataset(
                 "image": f"images/{i:03d}.png",
                 "conversations": conversations,
                 "label": "NG" if ng else "OK",
+                **({"reference": ["reference/ref_01.png"]} if reference else {}),
             }
         )
     (out / "train.json").write_text(json.dumps(samples))
     (out / "val.json").write_text(json.dumps(samples[:4]))
-    (out / "manifest.json").write_text(json.dumps({"language": language, "product": product}))
+    manifest = {"language": language, "product": product}
+    if reference:
+        manifest["prompts"] = {"reference_intro": _intros(product)}
+    (out / "manifest.json").write_text(json.dumps(manifest))
     return out
+
+
+def _intros(product: str) -> dict[str, str]:
+    from vlm_inspect.data.prompts import load_prompts
+
+    return load_prompts("en").reference_intros(product)
+
+
+def _reference_intro(out: Path, size: tuple[int, int], product: str) -> str:
+    """Write the clean reference box into `out/reference/` with its index; the sentence that introduces it."""
+    import hashlib
+
+    from PIL import Image
+
+    from vlm_inspect.data.reference import ReferencePhoto, write_reference_folder
+
+    source = out / "clean.png"
+    Image.new("RGB", size, (232, 226, 221)).save(source)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    write_reference_folder(out / "reference", [(source, ReferencePhoto("ref_01.png", "clean.png", digest, *size))])
+    source.unlink()
+    return _intros(product)["one"]
 
 
 @pytest.fixture(scope="session")
@@ -97,6 +131,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory):
 def spot_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 tiny labelled photos in the prepare output layout."""
     return write_spot_dataset(tmp_path_factory.mktemp("data") / "spots")
+
+
+@pytest.fixture(scope="session")
+def reference_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The spot dataset with a known-good clean box shown before every photo (prepare's reference layout)."""
+    return write_spot_dataset(tmp_path_factory.mktemp("data") / "spots-with-reference", reference=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

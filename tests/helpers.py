@@ -25,8 +25,8 @@ def make_run(
     folder: Path, base: Path, data: Path | str, method: str = "lora", seed: int = 0, metrics=None, **settings
 ) -> Path:
     """A run folder as `train` leaves it, made in a second without training: adapter/ (LoRA on every language
-    linear and the projector, each moved away from its start as training would), config.yaml, dataset.json and,
-    when given, metrics.jsonl rows (written as they are, so a test can add a torn last line). `settings` are
+    linear and the projector, each moved away from its start as training would), config.yaml, dataset.json, the
+    dataset's references (reference/) and, when given, metrics.jsonl rows (written as they are, so a test can add a torn last line). `settings` are
     more of the run's TrainConfig (e.g. image_max_tokens)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -53,7 +53,9 @@ def make_run(
     cfg = TrainConfig(model=str(base), data=str(data), out=str(run.path), method=method, **settings)  # type: ignore[arg-type]
     save_config(cfg, run.path)
     try:
-        facts = DatasetFolder.open(data).facts()
+        dataset = DatasetFolder.open(data)
+        facts = dataset.facts()
+        run.keep_reference(dataset)  # as train keeps the dataset's references
     except DataError:  # a test's run whose data is gone on purpose
         facts = DatasetFacts()
     facts.write(run.dataset_path)

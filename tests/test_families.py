@@ -3,7 +3,9 @@
 Per family: `tiny-model --family` builds it offline; `train` (LoRA) lowers the loss and changes only adapter
 and projector weights; with the adapter off the logits are the base's; `merge` passes its own logit check
 and the merged folder answers like the adapter; batched scores equal one-by-one scores; a fully trained
-tiny model's described verdict agrees with its score; `predict`, `evaluate` and `serve` answer.
+tiny model's described verdict agrees with its score; `predict`, `evaluate` and `serve` answer. With a known-good
+reference shown first (#26): `train` keeps it in the run, batched scores equal one-by-one scores, and `predict` and
+`serve` judge against it and say so.
 """
 
 from __future__ import annotations
@@ -148,6 +150,77 @@ def test_predict_evaluate_and_serve_answer(family_run, spot_dataset: Path, tmp_p
         assert answer["verdict"] in ("OK", "NG") and 0 <= answer["p_ng"] <= 1
         reply = client.post("/v1/chat/completions", json={**chat, "max_tokens": 4})
         assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] is not None
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def reference_run(request, tmp_path_factory: pytest.TempPathFactory, reference_dataset: Path) -> tuple[str, Path, Path]:
+    """(family, tiny model folder, LoRA run trained with a known-good reference before every photo)."""
+    root = tmp_path_factory.mktemp(f"ref-{request.param}")
+    cli("tiny-model", str(root / "model"), "--family", request.param)
+    run = root / "run"
+    cli(
+        "train",
+        "--model",
+        str(root / "model"),
+        "--data",
+        str(reference_dataset),
+        "--out",
+        str(run),
+        "min_steps=8",
+        *FAST,
+    )
+    return request.param, root / "model", run
+
+
+def test_train_with_a_reference_keeps_it_in_the_run(reference_run, reference_dataset: Path):
+    _, _, run = reference_run
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if "loss" in r]) == 8 and all(r["loss"] == r["loss"] for r in rows if "loss" in r)
+    kept = (run / "reference" / "reference.json").read_bytes()
+    assert kept == (reference_dataset / "reference" / "reference.json").read_bytes()
+
+
+def test_batched_scores_with_a_reference_equal_one_by_one(reference_run, photos):
+    from vlm_inspect.inference import Predictor
+
+    _, model, run = reference_run
+    predictor = Predictor.load(ModelSettings(model=model, adapter=run, device="cpu"))
+    assert predictor.reference.files == ("ref_01.png",)
+    batched = predictor.score(photos, "Is this box OK or NG?", batch_size=6)
+    assert [predictor.score([im], "Is this box OK or NG?")[0] for im in photos] == pytest.approx(batched, abs=1e-5)
+
+
+def test_predict_and_serve_judge_against_the_runs_reference(reference_run, reference_dataset: Path, tmp_path: Path):
+    from fastapi.testclient import TestClient
+
+    from vlm_inspect.config import ServeConfig
+    from vlm_inspect.inference import Predictor
+    from vlm_inspect.service.app import create_app
+
+    _, model, run = reference_run
+    preds = tmp_path / "p.jsonl"
+    cli(
+        "predict",
+        str(reference_dataset / "images"),
+        "--model",
+        str(model),
+        "--adapter",
+        str(run),
+        "--out",
+        str(preds),
+        "--locate",
+        "--max-new-tokens",
+        "8",
+    )
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(rows) == 16 and all(r["reference"]["photos"][0]["file"] == "ref_01.png" for r in rows)
+    photo = (reference_dataset / "images" / "001.png").read_bytes()
+    predictor = Predictor.load(ModelSettings(model=model, adapter=run, device="cpu"))
+    with TestClient(create_app(predictor, ServeConfig(model=str(model))), base_url=LOOPBACK) as client:
+        judged = client.post("/v1/inspect", files={"file": ("a.png", photo, "image/png")}).json()
+        alone = client.post("/v1/inspect", files={"file": ("a.png", photo, "image/png")}, data={"reference": "none"})
+    assert judged["reference"]["name"] == "run" and 0 <= judged["p_ng"] <= 1
+    assert alone.json()["reference"] is None and alone.json()["p_ng"] != judged["p_ng"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

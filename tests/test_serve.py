@@ -28,6 +28,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from conftest import CHROMIUM, CHROMIUM_FLAGS  # noqa: E402
 from helpers import llava_prompt as render_prompt  # noqa: E402
 from vlm_inspect.config import ModelSettings, ServeConfig  # noqa: E402
+from vlm_inspect.data.reference import NO_REFERENCE  # noqa: E402
 from vlm_inspect.errors import ConfigError  # noqa: E402
 from vlm_inspect.inference import Answer  # noqa: E402
 from vlm_inspect.serve import check_serve_config
@@ -43,13 +44,18 @@ class FakePredictor:
     has_adapter = False
     default_question = "Is this product OK or NG?"
 
-    def __init__(self, delay_s: float = 0.0, gate: threading.Event | None = None):
+    def __init__(self, delay_s: float = 0.0, gate: threading.Event | None = None, reference=NO_REFERENCE):
         self.delay_s = delay_s
         self.gate = gate  # when given, every model call waits for it
         self.started = threading.Event()
         self.batches: list[int] = []
         self.prompts: list[str] = []
         self.threads: set[str] = set()
+        self.reference = reference
+        self.judged: list = []  # the references each score batch was judged against, as given
+
+    def reference_for(self, reference=None):
+        return self.reference if reference is None else reference
 
     def _enter(self) -> None:
         self.threads.add(threading.current_thread().name)
@@ -58,34 +64,35 @@ class FakePredictor:
             self.gate.wait(10)
         time.sleep(self.delay_s)
 
-    def score(self, images, question=None, batch_size=8):
+    def score(self, images, question=None, batch_size=8, reference=None):
         self._enter()
         self.batches.append(len(images))
+        self.judged.append(reference)
         return [1.0 - sum(img.convert("L").getdata()) / (255.0 * img.width * img.height) for img in images]
 
-    def describe(self, images, question=None, max_new_tokens=64, batch_size=8):
+    def describe(self, images, question=None, max_new_tokens=64, batch_size=8, reference=None):
         self._enter()
         return [f"a {img.width}x{img.height} photo" for img in images]
 
-    def answers(self, images, question=None, max_new_tokens=64, batch_size=8):
+    def answers(self, images, question=None, max_new_tokens=64, batch_size=8, reference=None):
         return [self.read_answer(text, None) for text in self.describe(images, question, max_new_tokens, batch_size)]
 
-    def locate(self, images, max_new_tokens=64, batch_size=8):
+    def locate(self, images, max_new_tokens=64, batch_size=8, reference=None):
         self._enter()
         return [Answer("", [], 0) for _ in images]
 
-    def read_answer(self, text, image):
+    def read_answer(self, text, image, reference=None):
         return Answer(text, [], 0)
 
-    def prompt(self, question, history=None):
+    def prompt(self, question, history=None, reference=None):
         return render_prompt(question, history)
 
-    def generate(self, images, prompts, max_new_tokens=64, temperature=0.0):
+    def generate(self, images, prompts, max_new_tokens=64, temperature=0.0, reference=None):
         self._enter()
         self.prompts.extend(prompts)
         return [f"NG. seen {len(p)} prompt chars" for p in prompts]
 
-    def stream(self, image, prompt, max_new_tokens=64, temperature=0.0) -> Iterator[str]:
+    def stream(self, image, prompt, max_new_tokens=64, temperature=0.0, reference=None) -> Iterator[str]:
         self._enter()
         self.prompts.append(prompt)
         yield from ["NG.", " A dark", " spot."]
@@ -136,7 +143,8 @@ def test_inspect_multipart_gives_verdict_score_and_model():
         dark = client.post("/v1/inspect", files={"file": ("b.jpg", photo_bytes(20, fmt="JPEG"), "image/jpeg")})
     assert light.status_code == 200, light.text
     body = light.json()
-    assert set(body) == {"verdict", "p_ng", "threshold", "model", "latency_ms"}
+    assert set(body) == {"verdict", "p_ng", "threshold", "reference", "model", "latency_ms"}
+    assert body["reference"] is None  # the model has no references, and the request named none
     assert body["verdict"] == "OK" and body["p_ng"] < 0.5 and body["threshold"] == 0.5
     assert body["model"] == "fake-model" and body["latency_ms"] >= 0
     assert dark.json()["verdict"] == "NG" and dark.json()["p_ng"] > 0.5
@@ -281,20 +289,20 @@ def test_chat_refuses_remote_urls_and_paths_400():
 
 
 def test_chat_bad_requests_400_422_415():
-    two_images = chat_body()
-    two_images["messages"][0]["content"].append(two_images["messages"][0]["content"][1])
+    six_images = chat_body()  # two are fine (a known-good reference, then the photo); six are more than 4 + 1
+    six_images["messages"][0]["content"] += [six_images["messages"][0]["content"][1]] * 5
     ends_with_assistant = chat_body()
     ends_with_assistant["messages"].append({"role": "assistant", "content": "OK."})
     with make_client() as client:
         no_image = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
-        two = client.post("/v1/chat/completions", json=two_images)
+        six = client.post("/v1/chat/completions", json=six_images)
         order = client.post("/v1/chat/completions", json=ends_with_assistant)
         no_messages = client.post("/v1/chat/completions", json={"model": "x", "messages": []})
         bad_role = client.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]})
         n2 = client.post("/v1/chat/completions", json=chat_body(n=2))
         not_image = client.post("/v1/chat/completions", json=chat_body(image=b"GIF89a-but-not-really"))
-    assert_error(no_image, 400, "exactly one image")
-    assert_error(two, 400, "got 2")
+    assert_error(no_image, 400, "send one image")
+    assert_error(six, 400, "got 6")
     assert_error(order, 400, "end with a user message")
     assert_error(no_messages, 422, "messages")
     assert_error(bad_role, 422, "role")
@@ -335,6 +343,7 @@ def test_api_key_required_on_every_api_route_401():
     with make_client(api_key=KEY) as client:
         calls = [
             ("get", "/v1/models", {}),
+            ("get", "/v1/reference", {}),
             ("post", "/v1/inspect", {"files": {"file": ("a.png", photo_bytes())}}),
             ("post", "/v1/chat/completions", {"json": chat_body()}),
         ]
@@ -362,7 +371,7 @@ def test_unknown_route_and_method_are_json_errors():
 
 def test_unexpected_error_is_500_without_details():
     class Broken(FakePredictor):
-        def score(self, images, question=None, batch_size=8):
+        def score(self, images, question=None, batch_size=8, reference=None):
             raise RuntimeError("secret internal path /srv/models/x")
 
     with make_client(Broken()) as client:

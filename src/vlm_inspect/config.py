@@ -57,6 +57,8 @@ class ModelSettings:
     precision: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = "auto"
     """Weights' precision; auto is bf16 on a GPU that has it, fp32 on CPU. fp8: the language-model
     linears stored and run in FP8 (the rest bf16), on GPUs of compute capability 8.9+."""
+    reference: str = "run"
+    """Known-good photos each photo is judged against: run (the run's own references, or the merged model's; none for a model without), none (the photo alone), or a photo or a folder of them."""
 
     def model_settings(self) -> ModelSettings:
         """This group alone (a copy), as `Predictor.load` takes it."""
@@ -64,6 +66,8 @@ class ModelSettings:
 
     def model_problems(self) -> list[str]:
         problems = [] if self.model else ["model: required"]
+        if self.reference not in ("run", "none") and not Path(self.reference).exists():
+            problems.append(f"reference: {self.reference} is not run, none, or a photo or folder of known-good photos")
         return problems + image_budget_problems(self.image_max_tokens)
 
 
@@ -95,6 +99,10 @@ class PrepareConfig:
     """What the photos show, used in questions and answers (e.g. 'box')."""
     max_image_pixels: int = 100_000_000
     """Images larger than this many pixels are skipped (decompression-bomb guard)."""
+    reference: str = "auto"
+    """Known-good photos shown before every photo: auto (the source's reference/ folder if it has one, else none), ok (the most typical OK photos, taken out of the samples), a folder of photos, or none (one photo per conversation, as without references)."""
+    reference_count: int = 1
+    """With reference=ok: how many OK photos become references (each costs a photo's image tokens per sample)."""
     overwrite: bool = False
     """Replace an existing non-empty output folder."""
 
@@ -341,6 +349,9 @@ class DemoConfig:
     """Smaller sizes for CI; same code path."""
     seed: int = 0
     """Seed for images, model and training."""
+    reference: bool = False
+    """Show a known-good box from the same station before every photo, in training and evaluation (the report then
+    puts the tuned model with and without it side by side)."""
     overwrite: bool = False
     """Replace an existing demo folder."""
 

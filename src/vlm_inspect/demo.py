@@ -10,7 +10,11 @@
    see and describe, but it was never taught to inspect.
 3. `prepare` → `train` (LoRA, the normal verb and code path) → `evaluate` base vs tuned.
 
-Run as: vlm-inspect demo [--out DIR] [--fast]
+With `--reference`, one more clean box from the same station is the golden sample (`photos/train/reference/`):
+`prepare` shows it before every photo (an image part of its own), and `evaluate` judges the held-out photos against
+it and without it.
+
+Run as: vlm-inspect demo [--out DIR] [--fast] [--reference]
 """
 
 from __future__ import annotations
@@ -141,6 +145,8 @@ def demo(cfg: DemoConfig) -> Path:
         ("test", size.test_ok, size.test_ng, cfg.seed + 1),
     ):  # station photos: fixed camera over a dark belt, as a line takes them
         write_dataset_folders(photos / name, n_ok, n_ng, seed, size.photo_size, size.min_defect_frac, station=True)
+    if cfg.reference:
+        write_golden_sample(photos / "train" / "reference", size, cfg.seed)
     captions, marks = write_caption_dataset(out / "captions", size, cfg.seed + 2)
     lap("photos")
 
@@ -198,6 +204,17 @@ def demo(cfg: DemoConfig) -> Path:
         remove_tree(previous)  # the demo it replaces goes only now that this one is complete
     _print_summary(report, times)
     return report
+
+
+def write_golden_sample(folder: Path, size: DemoSize, seed: int) -> Path:
+    """One more clean box from the same station, drawn from its own seed (no training or test photo): the golden
+    sample `prepare` finds in `reference/`."""
+    from vlm_inspect.data.synthetic import make_box_photo
+
+    folder.mkdir(parents=True)
+    image, _ = make_box_photo(np.random.default_rng([seed, 26]), None, size.photo_size, station=True)
+    image.save(folder / "golden.png")
+    return folder / "golden.png"
 
 
 def write_caption_dataset(out: Path, size: DemoSize, seed: int) -> tuple[Path, list[np.ndarray | None]]:

@@ -40,11 +40,12 @@ from vlm_inspect.evaluation.localization import (
     summary_rows,
 )
 from vlm_inspect.evaluation.metrics import score_metrics, verdicts
+from vlm_inspect.evaluation.reference import reference_comparison, reference_table
 from vlm_inspect.evaluation.report import fmt_interval, fmt_pct, write_report
 from vlm_inspect.evaluation.views import model_view
 from vlm_inspect.evaluation.views import warning as view_warning
 from vlm_inspect.folders import DatasetFacts, DatasetFolder, ModelFolder, RunFolder
-from vlm_inspect.inference import Predictor, trained_with
+from vlm_inspect.inference import Predictor, trained_reference, trained_with
 from vlm_inspect.outputs import check_replaceable, staged_output
 
 RESULTS_VERSION = 2
@@ -102,6 +103,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     results = build_results(cfg, items, skipped, questions, scores, answers, models, gallery, thumbnails)
     results["comparison"] = compare_models(cfg, items, questions[0], results, located)
     add_localization(cfg, items, located, results)
+    results["reference"] = reference_section(cfg, items, questions[0], results)
     out = write_outputs(cfg, results)
     print_summary(results, out)
     return out
@@ -243,9 +245,11 @@ def model_sessions(cfg: EvaluateConfig) -> Iterator[tuple[str, Any, dict]]:
     tuned = Predictor.load(cfg)
     yield "tuned", tuned, {"model": cfg.model, "adapter": None, "how": "merged model folder"}
     base_settings = dataclasses.replace(tuned.settings, model=cfg.base, adapter=None)
+    reference = tuned.reference
     del tuned
     _free_memory()
     base = Predictor.load(base_settings)
+    base.reference = reference  # judged against what the tuned model is
     yield "base", base, {"model": cfg.base, "adapter": None, "how": "separate base folder (--base)"}
 
 
@@ -329,6 +333,18 @@ def compare_models(
         if note:
             console.print(f"[yellow]warning:[/] {escape(note)}")
     return rows
+
+
+def reference_section(cfg: EvaluateConfig, items: list[Item], question: Question, results: dict) -> dict:
+    """The tuned and base models with and without their references side by side (evaluation/reference.py); the
+    models are loaded again, only when the tuned one has references."""
+    if not trained_reference(cfg, ModelFolder.open(cfg.model)):
+        reason = "the tuned model has no references (prepare the data with a reference/ folder or reference=ok)"
+        return {"question": question.id, "reason": reason, "rows": []}
+    console.print(f"scoring {len(items)} photos without references, beside the scores with them")
+    section = reference_comparison(model_sessions(cfg), items, question, results, cfg)
+    console.print(reference_table(section))
+    return section
 
 
 def score_items(

@@ -3,12 +3,14 @@
 Each is checked once where it comes in (`ModelFolder.open`, `RunFolder(path)`, `DatasetFolder.open`) and then
 passed down, so no verb re-derives what a folder holds. Every name inside a folder is defined here and
 nowhere else. What a run learned from its dataset (language, product word, question wordings) is copied into
-the run (`dataset.json`) and from there into a merged model (`train_dataset.json`), so serving a model never
-needs the training data on the same machine.
+the run (`dataset.json`) and from there into a merged model (`train_dataset.json`), and so are its known-good
+reference photos (`reference/` → the run's `reference/` → the merged model's `train_reference/`), so serving a
+model never needs the training data on the same machine.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -16,8 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from vlm_inspect.config import RESOLVED_CONFIG_NAME, TrainConfig, load_saved_config
+from vlm_inspect.data.images import load_image, read_file_bytes
 from vlm_inspect.data.llava_json import read_contained_llava_json
-from vlm_inspect.data.prompts import load_prompts
+from vlm_inspect.data.prompts import load_prompts, with_reference
+from vlm_inspect.data.reference import (
+    Reference,
+    ReferencePhoto,
+    copy_reference_folder,
+    read_reference_folder,
+    write_reference_folder,
+)
+from vlm_inspect.data.reference_choice import FOLDER as REFERENCE_FOLDER
 from vlm_inspect.errors import ConfigError, DataError, ModelFolderError
 from vlm_inspect.models.families import all_families, family_of
 from vlm_inspect.models.family import Family
@@ -38,6 +49,8 @@ class DatasetFacts:
     verdict_questions: tuple[str, ...] = ()
     heldout_questions: tuple[str, ...] = ()
     locate_questions: tuple[str, ...] = ()
+    reference_intro: tuple[str, ...] = ()
+    """With references: the sentences (one, many with `{n}`) the first question started with; () where none."""
 
     def or_else(self, other: DatasetFacts) -> DatasetFacts:
         """These facts, each one left unknown here taken from `other`."""
@@ -52,6 +65,7 @@ class DatasetFacts:
             verdict_questions=tuple(prompts.get("verdict_questions") or ()),
             heldout_questions=tuple(prompts.get("heldout_questions") or ()),
             locate_questions=tuple(prompts.get("locate_questions") or ()),
+            reference_intro=_intros(prompts.get("reference_intro")),
         )
 
     def default_question(self) -> str:
@@ -67,6 +81,17 @@ class DatasetFacts:
         prompts = load_prompts(self.language or "en")
         return tuple(q.format(product=self.product or prompts.default_product) for q in prompts.locate_questions)
 
+    def reference_question(self, question: str, references: int) -> str:
+        """`question` as asked with `references` known-good photos first: after the sentence that says so, in the
+        run's wording (the shipped one where the run has none); the question alone without references."""
+        if not references:
+            return question
+        intros = self.reference_intro
+        if len(intros) != 2 or not all(intros):
+            prompts = load_prompts(self.language or "en")
+            intros = tuple(prompts.reference_intros(self.product or prompts.default_product).values())
+        return with_reference(question, intros, references, self.language)
+
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         return path
@@ -80,7 +105,7 @@ class DatasetFacts:
         if not isinstance(data, dict):
             raise ModelFolderError(f"{path}: expected an object of dataset facts")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        for key in ("verdict_questions", "heldout_questions", "locate_questions"):
+        for key in ("verdict_questions", "heldout_questions", "locate_questions", "reference_intro"):
             known[key] = tuple(known.get(key) or ())
         return cls(**known)
 
@@ -100,6 +125,8 @@ class ModelFolder:
     """In a merged model: the settings of the run it was merged from (that run's config.yaml)."""
     TRAIN_DATASET = "train_dataset.json"
     """In a merged model: the run's dataset facts (that run's dataset.json)."""
+    TRAIN_REFERENCE = "train_reference"
+    """In a merged model: the run's known-good reference photos (that run's reference/)."""
 
     @classmethod
     def open(cls, path: str | Path | ModelFolder) -> ModelFolder:
@@ -145,6 +172,10 @@ class ModelFolder:
     def facts(self) -> DatasetFacts | None:
         """The run's dataset facts when this is a merged model, else None."""
         return DatasetFacts.read(self.path / self.TRAIN_DATASET)
+
+    def reference(self) -> Reference:
+        """The run's reference photos when this is a model merged from a run that had them, else none."""
+        return _reference_in(self.path / self.TRAIN_REFERENCE, ModelFolderError)
 
     def copy_side_files(self, folder: Path) -> list[Path]:
         """Copy into `folder` (a model folder being written) each file of this one that saving the model and
@@ -201,6 +232,8 @@ class RunFolder:
     METRICS = "metrics.jsonl"
     ADAPTER = "adapter"
     FULL_MODEL = "model"
+    REFERENCE = "reference"
+    """The known-good photos the run's conversations showed first (a copy of its dataset's), with their index."""
     CHECKPOINTS = "checkpoints"
     COMPLETE = "checkpoint-complete"
     """Written into a checkpoint folder once it is whole; only marked checkpoints are resumed from."""
@@ -249,12 +282,35 @@ class RunFolder:
     def facts(self) -> DatasetFacts | None:
         return DatasetFacts.read(self.dataset_path)
 
+    @property
+    def reference_path(self) -> Path:
+        return self.path / self.REFERENCE
+
+    def reference(self) -> Reference:
+        """The known-good photos the run was trained to compare against (none for a run without)."""
+        return _reference_in(self.reference_path, ModelFolderError)
+
+    def keep_reference(self, data: DatasetFolder) -> bool:
+        """Copy the dataset's reference photos into the run, so the run holds what its conversations showed;
+        False for a dataset without references."""
+        if copy_reference_folder(data.path / REFERENCE_FOLDER, self.reference_path):
+            return True
+        files = data.sample_references()
+        if not files:
+            return False
+        write_reference_folder(
+            self.reference_path, [(data.image_root / f, _photo_entry(data.image_root / f)) for f in files]
+        )
+        return True
+
     def describe_model(self, folder: Path) -> None:
-        """Copy the run's settings and dataset facts into a model folder made from it (a merge, or the run's own
-        `model/`), so every verb that later loads that folder alone knows how the run saw photos and spoke."""
+        """Copy the run's settings, dataset facts and reference photos into a model folder made from it (a merge,
+        or the run's own `model/`), so every verb that later loads that folder alone knows how the run saw photos
+        and spoke, and what it compares against."""
         shutil.copyfile(self.config_path, folder / ModelFolder.TRAIN_CONFIG)
         if self.dataset_path.is_file():
             shutil.copyfile(self.dataset_path, folder / ModelFolder.TRAIN_DATASET)
+        copy_reference_folder(self.reference_path, folder / ModelFolder.TRAIN_REFERENCE)
 
     def checkpoints(self) -> list[Path]:
         """The run's checkpoint folders, oldest first."""
@@ -364,6 +420,11 @@ class DatasetFolder:
     def facts(self) -> DatasetFacts:
         return DatasetFacts.from_manifest(self.manifest())
 
+    def sample_references(self) -> list[str]:
+        """The reference photos (paths relative to the image root) the first training sample shows first: for a
+        LLaVA JSON made by hand, whose references have no folder and index of their own."""
+        return list(self.samples()[0].get("reference") or [])
+
     def samples(self, split: str = "train") -> list[dict[str, Any]]:
         """The checked samples of train.json (or val.json); images must lie inside the dataset."""
         path = self.train_json if split == "train" else self.val_json
@@ -373,6 +434,27 @@ class DatasetFolder:
         if not samples:
             raise DataError(f"{path}: no samples")
         return samples
+
+
+def _intros(intro: Any) -> tuple[str, ...]:
+    """(one, many) of a manifest's `reference_intro`; () when it has none."""
+    if not isinstance(intro, dict) or not all(isinstance(intro.get(k), str) for k in ("one", "many")):
+        return ()
+    return (intro["one"], intro["many"])
+
+
+def _reference_in(folder: Path, error: type[Exception]) -> Reference:
+    try:
+        return read_reference_folder(folder)
+    except DataError as err:
+        raise error(str(err)) from None
+
+
+def _photo_entry(path: Path) -> ReferencePhoto:
+    data = read_file_bytes(path)
+    image = load_image(data, name=path.name)
+    digest = hashlib.sha256(data).hexdigest()
+    return ReferencePhoto(path.name, path.name, digest, image.width, image.height)
 
 
 def _read_json(path: Path, error: type[Exception]) -> Any:

@@ -9,6 +9,14 @@ Two modes:
 `Predictor.load` takes the whole model-settings group (`config.ModelSettings`); what the run taught (its
 image-token budget, image aspect, language, product word and questions) comes from the run folder or a merged
 model folder, never from the training data.
+
+References: a photo is judged against a set of known-good photos (`data.reference.Reference`) shown first, as
+image parts of their own before the photo's, its question after the sentence that says so (the
+run's `reference_intro`). The default of every call is the predictor's `reference`: the `reference` setting, else
+the run's own (a run folder's `reference/`, a merged model's `train_reference/`), else none. Every method takes
+`reference=` to judge against another set for that call (`NO_REFERENCE`: the photo alone), and
+`reference_for(reference)` says which set a call with it uses, so a caller records what each verdict was judged
+against (`Reference.record()`).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from PIL import Image
 
 from vlm_inspect.config import ModelSettings, TrainConfig, image_budget_problems
 from vlm_inspect.data.images import model_input_size, square_image
+from vlm_inspect.data.reference import NO_REFERENCE, Reference
 from vlm_inspect.errors import ModelFolderError
 from vlm_inspect.folders import DatasetFacts, ModelFolder, open_adapter
 from vlm_inspect.models.boxes import View, read_boxes
@@ -70,6 +79,19 @@ def trained_with(settings: ModelSettings, model: ModelFolder) -> tuple[TrainConf
     return trained, facts or DatasetFacts()
 
 
+def trained_reference(settings: ModelSettings, model: ModelFolder) -> Reference:
+    """The references a model is judged with by default: the `reference` setting (a photo or folder, `none`),
+    else the run's (the adapter's run folder, or a merged model's copy), else none."""
+    if settings.reference == "none":
+        return NO_REFERENCE
+    if settings.reference != "run":
+        return Reference.from_paths(Path(settings.reference).name, [settings.reference])
+    if settings.adapter:
+        _, run = open_adapter(settings.adapter)
+        return run.reference() if run else NO_REFERENCE
+    return model.reference()
+
+
 class Predictor:
     """A model loaded once (base, base + adapter, or merged) that scores and describes photos."""
 
@@ -83,6 +105,8 @@ class Predictor:
         question: str | None = None,
         settings: ModelSettings | None = None,
         locate_question: str | None = None,
+        reference: Reference = NO_REFERENCE,
+        facts: DatasetFacts | None = None,
     ):
         self.model, self.processor, self.name = model, processor, name
         self.has_adapter, self.image_aspect = has_adapter, image_aspect
@@ -91,6 +115,10 @@ class Predictor:
         self.tokenizer = processor.tokenizer
         self.family = family_of_model(model)
         pack_vision(model)  # on CUDA, the Qwen towers' attention as one call per layer (models/qwen_vision.py)
+        self.facts = facts or DatasetFacts()
+        """The run's wording: language, product, and the sentence that introduces references."""
+        self.reference = reference
+        """The known-good photos every call judges against unless it names others (none: the photo alone)."""
         self.default_question = question or DatasetFacts().default_question()
         self.locate_question = locate_question or DatasetFacts().locate_wordings()[0]
         self.verdict_ids = verdict_token_ids(self.tokenizer, render_prompt(processor, self.default_question))
@@ -126,20 +154,26 @@ class Predictor:
         if settings.precision == "fp8":
             to_fp8(net)
         aspect = trained.image_aspect if trained else "pad"
-        return cls(
-            net.eval(),
-            processor,
-            name,
-            settings.adapter is not None,
-            aspect,
-            facts.default_question(),
-            in_force,
-            locate_question=facts.locate_wordings()[0],
-        )
+        reference = trained_reference(settings, folder)
+        question, locate = facts.default_question(), facts.locate_wordings()[0]
+        has_adapter = settings.adapter is not None
+        return cls(net.eval(), processor, name, has_adapter, aspect, question, in_force, locate, reference, facts)
 
-    def prompt(self, question: str, history: list[tuple[str, str]] | None = None) -> str:
-        """`question` (after earlier turns) in this model's chat format, ready for `generate` or `stream`."""
-        return render_prompt(self.processor, question, history)
+    def reference_for(self, reference: Reference | None = None) -> Reference:
+        """The references a call given `reference` judges against: that set, or this predictor's default."""
+        return self.reference if reference is None else reference
+
+    def prompt(
+        self, question: str, history: list[tuple[str, str]] | None = None, reference: Reference | None = None
+    ) -> str:
+        """`question` (after earlier turns) in this model's chat format, ready for `generate` or `stream` with the
+        same `reference`: its first question after the sentence that introduces the references."""
+        reference = self.reference_for(reference)
+        turns = [*(history or []), (question, None)]
+        first, answer = turns[0]
+        turns[0] = (self.facts.reference_question(first, len(reference)), answer)
+        images = len(reference) + 1  # an image part for each reference, then the photo's
+        return render_prompt(self.processor, turns[-1][0], turns[:-1], images)
 
     @property
     def device(self) -> torch.device:
@@ -164,10 +198,13 @@ class Predictor:
             self.score([blank] * batch, batch_size=batch)
         self.describe([blank], max_new_tokens=max_new_tokens)
 
-    def _inputs(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def _inputs(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], reference: Reference | None = None
+    ) -> dict[str, torch.Tensor]:
         aspect = self.image_aspect if self.family.square_pad else "native"
         mean = self.processor.image_processor.image_mean
-        squared = [[square_image(im.convert("RGB"), mean, aspect)] for im in images]
+        references = list(self.reference_for(reference).images)
+        squared = [[square_image(r, mean, aspect) for r in [*references, im.convert("RGB")]] for im in images]
         # The torchvision image processor resizes and normalises on the GPU when given the device:
         # on the CPU that takes a quarter of a 7B scoring pass.
         on_gpu = self.device.type == "cuda" and _resizes_with_torch(self.processor.image_processor)
@@ -178,15 +215,22 @@ class Predictor:
         return {k: (v.to(self.device, dtype) if k == "pixel_values" else v.to(self.device)) for k, v in inputs.items()}
 
     @torch.inference_mode()
-    def score(self, images: Sequence[Image.Image], question: str | None = None, batch_size: int = 8) -> list[float]:
-        """p(NG) per image from one forward pass per batch (only the last position's logits)."""
-        prompt = render_prompt(self.processor, question or self.default_question)
+    def score(
+        self,
+        images: Sequence[Image.Image],
+        question: str | None = None,
+        batch_size: int = 8,
+        reference: Reference | None = None,
+    ) -> list[float]:
+        """p(NG) per image from one forward pass per batch (only the last position's logits), each judged against
+        `reference` (default: this predictor's)."""
+        prompt = self.prompt(question or self.default_question, reference=reference)
         ok_ids, ng_ids = self.verdict_ids
         out: list[float] = []
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
             with self.lock:
-                inputs = self._inputs(batch, [prompt] * len(batch))
+                inputs = self._inputs(batch, [prompt] * len(batch), reference)
                 logits = self._last_logits(inputs)
             probs = logits.softmax(-1)
             p_ok, p_ng = probs[:, ok_ids].sum(-1), probs[:, ng_ids].sum(-1)
@@ -206,13 +250,14 @@ class Predictor:
         question: str | None = None,
         max_new_tokens: int = MAX_NEW_TOKENS,
         batch_size: int = 8,
+        reference: Reference | None = None,
     ) -> list[str]:
         """Greedy answers to the question, one per image, as the model writes them (boxes in its own frame)."""
-        prompt = render_prompt(self.processor, question or self.default_question)
+        prompt = self.prompt(question or self.default_question, reference=reference)
         answers: list[str] = []
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
-            answers.extend(self.generate(batch, [prompt] * len(batch), max_new_tokens))
+            answers.extend(self.generate(batch, [prompt] * len(batch), max_new_tokens, reference=reference))
         return answers
 
     def answers(
@@ -221,16 +266,21 @@ class Predictor:
         question: str | None = None,
         max_new_tokens: int = MAX_NEW_TOKENS,
         batch_size: int = 8,
+        reference: Reference | None = None,
     ) -> list[Answer]:
         """`describe`, each answer read: its prose, and the defects it boxes in the photo's pixels."""
-        texts = self.describe(images, question, max_new_tokens, batch_size)
+        texts = self.describe(images, question, max_new_tokens, batch_size, reference)
         return [self.read_answer(text, image) for text, image in zip(texts, images, strict=True)]
 
     def locate(
-        self, images: Sequence[Image.Image], max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8
+        self,
+        images: Sequence[Image.Image],
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        batch_size: int = 8,
+        reference: Reference | None = None,
     ) -> list[Answer]:
         """Only the boxes: the answers to the run's locate question (one generation per photo)."""
-        return self.answers(images, self.locate_question, max_new_tokens, batch_size)
+        return self.answers(images, self.locate_question, max_new_tokens, batch_size, reference)
 
     def read_answer(self, text: str, image: Image.Image) -> Answer:
         """An answer about `image` split into prose and defects, its boxes mapped back to the photo's pixels
@@ -239,7 +289,8 @@ class Predictor:
         return Answer(prose, defects, dropped)
 
     def view(self, photo: tuple[int, int]) -> View:
-        """How a photo of this size reaches the model, and the frame of its answers' boxes."""
+        """How a photo of this size reaches the model, and the frame of its answers' boxes (references, each an
+        image part of its own, change neither)."""
         return self.family.view(self.processor, photo, model_input_size(*photo), self.image_aspect)
 
     @torch.inference_mode()
@@ -249,8 +300,9 @@ class Predictor:
         prompts: Sequence[str],
         max_new_tokens: int = MAX_NEW_TOKENS,
         temperature: float = 0.0,
+        reference: Reference | None = None,
     ) -> list[str]:
-        """Answers to fully rendered prompts (see models.chat.prompt).
+        """Answers to fully rendered prompts (`prompt`, with the same `reference`).
 
         For families with the fast paths, greedy answers come from `GreedyDecoder` (static KV cache; on a GPU
         one CUDA-graph replay per token), which gives the same tokens as transformers' `generate`; sampling,
@@ -258,14 +310,15 @@ class Predictor:
         """
         with self.lock:
             if temperature > 0 or not self.family.fast_paths:
-                inputs = self._inputs(images, prompts)
+                inputs = self._inputs(images, prompts, reference)
                 ids = self.model.generate(**inputs, **self._sampling(max_new_tokens, temperature))
                 new = ids[:, inputs["input_ids"].shape[1] :]
             else:
                 # Batches are padded to a power of two with copies of the last row: a server's changing
                 # batch sizes then need only a few decoders (each compiles and holds a KV cache).
                 extra = (1 << (len(images) - 1).bit_length()) - len(images)
-                inputs = self._inputs([*images, *[images[-1]] * extra], [*prompts, *[prompts[-1]] * extra])
+                padded = [*images, *[images[-1]] * extra], [*prompts, *[prompts[-1]] * extra]
+                inputs = self._inputs(*padded, reference)
                 decoder = self._decoder(inputs["input_ids"].shape, max_new_tokens)
                 new = decoder.run(inputs, max_new_tokens)[: len(images)]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -286,13 +339,18 @@ class Predictor:
         return self._decoders[key]
 
     def stream(
-        self, image: Image.Image, prompt: str, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = 0.0
+        self,
+        image: Image.Image,
+        prompt: str,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        temperature: float = 0.0,
+        reference: Reference | None = None,
     ) -> Iterator[str]:
-        """Text pieces of one answer as they are generated."""
+        """Text pieces of one answer as they are generated (`prompt` rendered with the same `reference`)."""
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        inputs = self._inputs([image], [prompt])
+        inputs = self._inputs([image], [prompt], reference)
 
         failure: list[BaseException] = []
 

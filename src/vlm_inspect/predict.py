@@ -2,6 +2,8 @@
 
 Scoring is one forward pass; `--describe` adds each photo's answer and `--locate` asks for its defects' boxes
 alone; either fills `defects` (`[{"type", "box": [x0, y0, x1, y1]}]` in the photo's pixels) and `boxes_dropped`.
+Each row says which known-good references its verdict was judged against (`reference`: the run's by default,
+`--reference` for others or `none`; null without).
 
 Run as: vlm-inspect predict --model M [--adapter A] PHOTOS... --out preds.jsonl
 """
@@ -46,6 +48,7 @@ def predict(cfg: PredictConfig) -> Path:
     if not paths:
         raise DataError(f"no images found under {', '.join(map(show_path, cfg.paths))}")
     predictor = Predictor.load(cfg)
+    print(f"judged against references: {predictor.reference.label()}")
     rows: list[dict] = []
     with Progress() as progress:
         task = progress.add_task("inspecting", total=len(paths))
@@ -77,6 +80,7 @@ def _predict_batch(predictor: Predictor, paths: list[Path], cfg: PredictConfig, 
     ms = 1000 * (time.perf_counter() - start) / len(images)
     for i, row in enumerate(good):
         row.update(verdict="NG" if p_ng[i] >= cfg.threshold else "OK", p_ng=round(p_ng[i], 6), ms=round(ms, 1))
+        row["reference"] = predictor.reference.record()
         if answers is not None:
             row["description"] = answers[i].text
         boxed = located[i] if located is not None else answers[i] if answers is not None else None
@@ -90,7 +94,7 @@ def write_rows(rows: list[dict], out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     if out.suffix == ".csv":
-        fields = ["path", "verdict", "p_ng", "description", "defects", "boxes_dropped", "ms", "error"]
+        fields = ["path", "verdict", "p_ng", "description", "defects", "boxes_dropped", "reference", "ms", "error"]
         with tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
@@ -102,8 +106,8 @@ def write_rows(rows: list[dict], out: Path) -> Path:
 
 
 def _cell(value: Any) -> Any:
-    """A CSV cell: the defects list as its JSON text."""
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, list) else value
+    """A CSV cell: the defects list and the reference record as their JSON text."""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
 
 
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")

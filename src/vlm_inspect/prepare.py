@@ -10,6 +10,11 @@ add detail. Masks and boxes become location words on a 3x3 grid. Folders are rea
 `mvtec`; nothing outside the named source folders is opened (`safe_read`), and every file left out
 is listed in the manifest's `skipped` with its reason.
 
+With known-good references (`reference`: a `reference/` folder beside `ok/` and `ng/`, a folder named, or chosen
+among the OK photos; `data/reference_choice.py`) they are copied to `reference/` with its index, listed in the
+manifest, and every conversation shows them first and says so in its first question (`reference_intro` of
+prompts.yaml); `reference=none` writes the single-photo conversations of a dataset without references.
+
 The dataset is built in a hidden sibling folder and renamed into place at the end; manifest.json is
 written last, so a folder with a manifest is complete. Inputs are only ever read.
 """
@@ -39,6 +44,9 @@ from vlm_inspect.data.images import load_image, read_file_bytes
 from vlm_inspect.data.labelled import LabeledImage, Skipped
 from vlm_inspect.data.llava_json import IMAGE_TOKEN, read_llava_json
 from vlm_inspect.data.prompts import Prompts, load_prompts, location_word, parse_verdict
+from vlm_inspect.data.reference import MAX_REFERENCES, write_reference_folder
+from vlm_inspect.data.reference_choice import FOLDER as REFERENCE_FOLDER
+from vlm_inspect.data.reference_choice import Chosen, choose_references
 from vlm_inspect.data.safe_read import outside_reason, show_path
 from vlm_inspect.errors import ConfigError, DataError
 from vlm_inspect.outputs import check_replaceable, staged_output
@@ -81,11 +89,14 @@ def prepare(cfg: PrepareConfig) -> Path:
     prompts = load_prompts(cfg.language, getattr(cfg, "prompts", None))
     product = _product_word(cfg, prompts)
     with console.status("Reading and checking photos..."):
-        units, skipped, ignored, source = _gather(cfg, prompts, product)
+        units, skipped, ignored, source, chosen = _gather(cfg, prompts, product)
     is_val = stratified_split([u.stratum for u in units], cfg.val_fraction, cfg.seed)
     manifest = _manifest(cfg, source, units, is_val, skipped, ignored, prompts.as_dict(product))
-    _build_then_move(out, lambda tmp: _write_dataset(tmp, cfg, units, is_val, manifest))
+    if chosen.photos:
+        manifest = _with_references(manifest, chosen, prompts, product)
+    _build_then_move(out, lambda tmp: _write_dataset(tmp, cfg, units, is_val, manifest, chosen))
     _print_summary(console, out, units, is_val, skipped, ignored)
+    _print_references(console, chosen)
     return out
 
 
@@ -128,6 +139,7 @@ def _validate(cfg: PrepareConfig) -> None:
         problems.append(f"language: {cfg.language!r} is not en or zh")
     if cfg.max_image_pixels <= 0:
         problems.append(f"max_image_pixels: {cfg.max_image_pixels} must be positive")
+    problems += _reference_problems(cfg)
     problems += _name_problems(cfg)
     problems += _overlap_problems(cfg)
     if problems:
@@ -149,6 +161,20 @@ def _input_problems(cfg: PrepareConfig) -> list[str]:
         problems.append("image_folder: required with from_llava_json (the folder its image paths are relative to)")
     elif not Path(cfg.image_folder).is_dir():
         problems.append(f"image_folder: {cfg.image_folder} is not a folder")
+    return problems
+
+
+def _reference_problems(cfg: PrepareConfig) -> list[str]:
+    problems = []
+    if not 1 <= cfg.reference_count <= MAX_REFERENCES:
+        problems.append(f"reference_count: {cfg.reference_count} is not between 1 and {MAX_REFERENCES}")
+    if cfg.from_llava_json and cfg.reference not in ("auto", "none"):
+        problems.append(
+            "reference: references are added to class folders (a reference/ folder or reference=ok), not to an "
+            "existing LLaVA JSON, whose conversations are kept as they are"
+        )
+    elif cfg.reference not in ("auto", "none", "ok") and not Path(cfg.reference).is_dir():
+        problems.append(f"reference: {cfg.reference} is not auto, ok, none or a folder of known-good photos")
     return problems
 
 
@@ -197,19 +223,24 @@ def _build_then_move(out: Path, build: Callable[[Path], None]) -> None:
 
 def _gather(
     cfg: PrepareConfig, prompts: Prompts, product: str
-) -> tuple[list[_Unit], list[Skipped], list[Path], dict[str, Any]]:
+) -> tuple[list[_Unit], list[Skipped], list[Path], dict[str, Any], Chosen]:
     if cfg.from_llava_json:
         units, skipped = _llava_units(Path(cfg.from_llava_json), Path(cfg.image_folder or ""), cfg.max_image_pixels)
         source = {"layout": "llava_json", "path": show_path(Path(cfg.from_llava_json).resolve())}
         source["image_folder"] = show_path(Path(cfg.image_folder or "").resolve())
-        return units, skipped, [], source
-    found = scan(Path(cfg.src), cfg.ok_names, cfg.ng_names, cfg.max_image_pixels)
-    units = _folder_units(found.images, prompts, product, cfg.seed, Path(cfg.src))
-    source = {"layout": found.layout, "path": show_path(Path(cfg.src).resolve())}
-    return units, found.skipped, found.ignored_folders, source
+        return units, skipped, [], source, Chosen("none")
+    src = Path(cfg.src)
+    found = scan(src, cfg.ok_names, cfg.ng_names, cfg.max_image_pixels)
+    chosen = choose_references(cfg.reference, cfg.reference_count, src, found.images, cfg.max_image_pixels, src)
+    ignored = [f for f in found.ignored_folders if not chosen.folder or f.resolve() != chosen.folder.resolve()]
+    units = _folder_units(chosen.images, prompts, product, cfg.seed, src, chosen.files)
+    source = {"layout": found.layout, "path": show_path(src.resolve())}
+    return units, found.skipped + chosen.skipped, ignored, source, chosen
 
 
-def _folder_units(images: list[LabeledImage], prompts: Prompts, product: str, seed: int, src: Path) -> list[_Unit]:
+def _folder_units(
+    images: list[LabeledImage], prompts: Prompts, product: str, seed: int, src: Path, references: list[str]
+) -> list[_Unit]:
     rng = random.Random(f"{seed}-questions")
     verdict_questions = _cycle_shuffled(_weighted_verdict_questions(prompts), rng)
     describe_questions = _cycle_shuffled(list(prompts.describe_questions), rng)
@@ -217,10 +248,13 @@ def _folder_units(images: list[LabeledImage], prompts: Prompts, product: str, se
     units = []
     for image in images:
         name = names.new(image.label, image.defect_type, image.suffix)
-        turns = conversation(image, prompts, product, next(verdict_questions), next(describe_questions))
+        turns = conversation(
+            image, prompts, product, next(verdict_questions), next(describe_questions), len(references)
+        )
         sample = {
             "id": Path(name).stem,
             "image": f"images/{name}",
+            **({"reference": list(references)} if references else {}),
             "conversations": turns,
             "label": image.label,
             "defect_type": image.defect_type,
@@ -245,7 +279,12 @@ def _cycle_shuffled(items: list[str], rng: random.Random) -> Iterator[str]:
 
 
 def conversation(
-    image: LabeledImage, prompts: Prompts, product: str, verdict_question: str, describe_question: str
+    image: LabeledImage,
+    prompts: Prompts,
+    product: str,
+    verdict_question: str,
+    describe_question: str,
+    references: int = 0,
 ) -> list[dict[str, str]]:
     """The turns of one training sample: a verdict, then for NG a description when anything is known.
 
@@ -255,10 +294,15 @@ def conversation(
         product: Word for what the photo shows.
         verdict_question: Template of the first question (`{product}` unfilled).
         describe_question: Template of the second question, asked for NG photos.
+        references: How many known-good references the sample shows first: one `<image>` each before the photo's,
+            and the first question says so.
     """
     located = [(d["type"], location_word(d["box"], image.width, image.height, prompts.language)) for d in image.defects]
+    question = verdict_question.format(product=product)
+    if references:
+        question = prompts.reference_question(verdict_question, references, product)
     turns = [
-        {"from": "human", "value": f"{IMAGE_TOKEN}\n{verdict_question.format(product=product)}"},
+        {"from": "human", "value": f"{IMAGE_TOKEN}\n" * (references + 1) + question},
         {
             "from": "gpt",
             "value": prompts.verdict_answer(image.label, _verdict_sentence(image, located, prompts, product)),
@@ -326,6 +370,11 @@ def _llava_units(json_path: Path, image_folder: Path, max_pixels: int) -> tuple[
     """Samples of a LLaVA JSON grouped by image bytes; each image is checked by decoding and copied once."""
     by_image: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for sample in read_llava_json(json_path, image_folder):
+        if sample.get("reference"):
+            raise DataError(
+                f"{show_path(json_path)}: sample {sample.get('id', sample['image'])!r} lists references; prepare "
+                "copies photos of a LLaVA JSON but not their references: give class folders with a reference/ folder"
+            )
         by_image[sample["image"]].append(sample)
     units: dict[str, _Unit] = {}
     skipped: list[Skipped] = []
@@ -392,12 +441,16 @@ def _sample_label(sample: dict[str, Any]) -> str | None:
 # ---------------------------------------------------------------- writing
 
 
-def _write_dataset(tmp: Path, cfg: PrepareConfig, units: list[_Unit], is_val: list[bool], manifest: dict) -> None:
+def _write_dataset(
+    tmp: Path, cfg: PrepareConfig, units: list[_Unit], is_val: list[bool], manifest: dict, chosen: Chosen
+) -> None:
     images = tmp / "images"
     images.mkdir()
     for unit in units:
         # copyfile copies bytes only: the source is opened read-only and never touched.
         shutil.copyfile(unit.path, images / unit.name)
+    if chosen.photos:
+        write_reference_folder(tmp / REFERENCE_FOLDER, chosen.photos)
     train = [s for unit, val in zip(units, is_val, strict=True) if not val for s in unit.samples]
     val = [s for unit, val in zip(units, is_val, strict=True) if val for s in unit.samples]
     _write_json(tmp / "train.json", train)
@@ -443,6 +496,22 @@ def _manifest(
     }
 
 
+def _with_references(manifest: dict[str, Any], chosen: Chosen, prompts: Prompts, product: str) -> dict[str, Any]:
+    """The manifest with the references (before `prompts`, so the file reads top down) and their wording."""
+    reference = {
+        "mode": chosen.mode,
+        "folder": REFERENCE_FOLDER,
+        "photos": [photo.__dict__ for _, photo in chosen.photos],
+    }
+    out: dict[str, Any] = {}
+    for key, value in manifest.items():
+        if key == "prompts":
+            out["reference"] = reference
+            value = {**value, "reference_intro": prompts.reference_intros(product)}
+        out[key] = value
+    return out
+
+
 def _counts(units: list[_Unit]) -> dict[str, Any]:
     samples = [s for u in units for s in u.samples]
     by_class = Counter(s.get("label") or "unlabelled" for s in samples)
@@ -480,6 +549,14 @@ def _print_summary(
     if caveat:
         console.print(f"[bold yellow]caveat:[/] {escape(caveat)}", highlight=False)
     console.print(f"dataset written to [bold]{escape(show_path(out))}[/]", highlight=False)
+
+
+def _print_references(console: Console, chosen: Chosen) -> None:
+    if not chosen.photos:
+        return
+    how = "the most typical OK photo(s), taken out of the samples" if chosen.mode == "ok" else "known-good photos"
+    listed = ", ".join(f"{photo.file} (from {photo.source})" for _, photo in chosen.photos)
+    console.print(f"references ({escape(how)}), shown before every photo: {escape(listed)}", highlight=False)
 
 
 def _summary_table(units: list[_Unit], is_val: list[bool]) -> Table:

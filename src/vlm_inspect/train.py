@@ -58,7 +58,8 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Fine-tune and write RUN/ (adapter/ or model/, config.yaml, dataset.json, metrics.jsonl, checkpoints/).
+    """Fine-tune and write RUN/ (adapter/ or model/, config.yaml, dataset.json, reference/ when the dataset has
+    known-good references, metrics.jsonl, checkpoints/).
 
     The model folder (its processor probed on one photo) and the dataset are checked before `out` is touched.
 
@@ -99,7 +100,7 @@ def _cuda_available() -> bool:
 
 
 def prepare_run_folder(cfg: TrainConfig, run: RunFolder, data: DatasetFolder) -> Path | None:
-    """Refuse to clobber a run unless told; write the resolved config and the dataset's facts.
+    """Refuse to clobber a run unless told; write the resolved config, the dataset's facts and its references.
 
     Returns the previous run set aside by --overwrite (`.RUN.old-PID`), to delete once the new one is done.
     """
@@ -126,6 +127,7 @@ def prepare_run_folder(cfg: TrainConfig, run: RunFolder, data: DatasetFolder) ->
         raise OutputExistsError(f"{folder}: no run to resume here; drop --resume to start one")
     folder.mkdir(parents=True, exist_ok=True)
     data.facts().write(run.dataset_path)
+    run.keep_reference(data)  # what every later verb judges photos against by default
     save_config(cfg, folder)
     return previous
 
@@ -234,7 +236,8 @@ def _train_in_process(
     batch_size, checkpointing = choose_batch_size(cfg, model, dataset, device)
     plan = make_plan(cfg, len(dataset), state.num_processes, batch_size)
     if state.is_main_process:
-        print_plan(cfg, plan, trainable, model, device, dtype, checkpointing)
+        longest = dataset.lengths.index(max(dataset.lengths))
+        print_plan(cfg, plan, trainable, model, device, dtype, checkpointing, dataset.image_tokens[longest])
     resume_from = run.latest_complete_checkpoint() if cfg.resume else None
     trainer = build_trainer(
         cfg, run, model, dataset, Collator(processor.tokenizer.pad_token_id), plan, dtype, checkpointing

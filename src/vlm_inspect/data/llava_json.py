@@ -5,6 +5,10 @@ The format (LLaVA `docs/Finetune_Custom_Data.md`): a JSON list of samples, each 
 `{"from": "human" | "gpt", "value": text}` turns alternating from human, `<image>` in the first
 human turn. Extra keys are kept: prepare adds `label`, `defect_type`, `defects` and `source`,
 which the original `train.py` ignores.
+
+A sample judged against known-good references (`prepare --reference`) also lists them, `"reference": [path, ...]`
+relative to the same folder, and its first human turn holds one `<image>` per picture: the references' first, then
+the photo's (`image` stays the photo to inspect, so everything that reads the photo reads it as before).
 """
 
 from __future__ import annotations
@@ -61,9 +65,10 @@ def read_contained_llava_json(path: Path, image_folder: Path) -> list[dict[str, 
     nothing outside the named inputs is opened. (`prepare` lists such samples as skipped instead.)"""
     samples = read_llava_json(path, image_folder)
     outside = [
-        f"sample {index} ({sample['image']!r}): {reason}"
+        f"sample {index} ({name!r}): {reason}"
         for index, sample in enumerate(samples)
-        if (reason := outside_reason(Path(image_folder) / sample["image"], Path(image_folder)))
+        for name in [sample["image"], *sample.get("reference", [])]
+        if (reason := outside_reason(Path(image_folder) / name, Path(image_folder)))
     ]
     if outside:
         raise DataError(_problems_message(Path(path), outside))
@@ -90,7 +95,10 @@ def _sample_problems(sample: Any, image_folder: Path) -> list[str]:
     if not isinstance(sample, dict):
         return [f"expected an object, got {type(sample).__name__}"]
     problems = _image_problems(sample.get("image"), image_folder)
-    problems += _conversation_problems(sample.get("conversations"))
+    references = sample.get("reference", [])
+    problems += _reference_problems(references, image_folder)
+    pictures = 1 + len(references) if isinstance(references, list) else 1
+    problems += _conversation_problems(sample.get("conversations"), pictures)
     problems += _extra_key_problems(sample)
     return problems
 
@@ -105,7 +113,15 @@ def _image_problems(image: Any, image_folder: Path) -> list[str]:
     return []
 
 
-def _conversation_problems(conversations: Any) -> list[str]:
+def _reference_problems(references: Any, image_folder: Path) -> list[str]:
+    if not isinstance(references, list) or not all(isinstance(r, str) and r.strip() for r in references):
+        return ["'reference' must be a list of path texts (the known-good photos shown first)"]
+    return [
+        f"reference {r!r} not found in {show_path(image_folder)}" for r in references if not exists(image_folder / r)
+    ]
+
+
+def _conversation_problems(conversations: Any, pictures: int = 1) -> list[str]:
     if not isinstance(conversations, list) or not conversations:
         return ["'conversations' must be a non-empty list of turns"]
     problems = []
@@ -126,8 +142,11 @@ def _conversation_problems(conversations: Any) -> list[str]:
     image_count = sum(turn["value"].count(IMAGE_TOKEN) for turn in conversations)
     if IMAGE_TOKEN not in conversations[0]["value"]:
         problems.append(f"the first human turn has no {IMAGE_TOKEN}")
-    elif image_count > 1:
-        problems.append(f"{IMAGE_TOKEN} appears {image_count} times; one image per sample means exactly once")
+    elif image_count != pictures:
+        what = "one image per sample means exactly once" if pictures == 1 else f"its photo and references: {pictures}"
+        problems.append(f"{IMAGE_TOKEN} appears {image_count} times; {what}")
+    elif conversations[0]["value"].count(IMAGE_TOKEN) != image_count:
+        problems.append(f"every {IMAGE_TOKEN} belongs in the first human turn")
     return problems
 
 
@@ -175,7 +194,7 @@ def box_problems(box: Any) -> list[str]:
 def _normalised(sample: dict[str, Any]) -> dict[str, Any]:
     conversations = [dict(turn) for turn in sample["conversations"]]
     text = conversations[0]["value"].replace(IMAGE_TOKEN, "").strip()
-    conversations[0]["value"] = f"{IMAGE_TOKEN}\n{text}"
+    conversations[0]["value"] = f"{IMAGE_TOKEN}\n" * (1 + len(sample.get("reference", []))) + text
     return {**sample, "conversations": conversations}
 
 

@@ -35,6 +35,7 @@ _SENTENCE_JOINER = {"en": " ", "zh": ""}
 _SENTENCE_END = {"en": ".", "zh": "。"}
 _ANSWER_KEYS = ("ok", "ng", "defect", "defect_at", "several")
 _PLACEHOLDERS = {"product", "a_defect", "location", "n"}
+_INTRO_KEYS = {"one": {"product"}, "many": {"product", "n"}}
 _MIN_COUNTS = {"verdict_questions": 10, "heldout_questions": 5, "describe_questions": 1, "locate_questions": 1}
 _VERDICT_AT_START = re.compile(r"^\W*(OK|NG)\b", re.IGNORECASE)
 
@@ -53,6 +54,8 @@ class Prompts:
     locate_questions: tuple[str, ...]
     answers: dict[str, str]
     locations: dict[str, str]
+    reference_intro: dict[str, str]
+    """`one` and `many` (`{n}` references): the sentence before the first question when references come first."""
 
     def default_question(self, product: str | None = None) -> str:
         """The question predict and serve ask: the first verdict question, product filled in."""
@@ -81,6 +84,11 @@ class Prompts:
             return self.answers["defect"].format(product=product, a_defect=a_defect)
         phrase = self.locations[location]
         return self.answers["defect_at"].format(product=product, a_defect=a_defect, location=phrase)
+
+    def reference_question(self, question: str, n: int, product: str) -> str:
+        """`question` (its product filled in) after the sentence that says the first `n` pictures are references."""
+        intros = tuple(self.reference_intro[k].format(product=product, n="{n}") for k in ("one", "many"))
+        return with_reference(question.format(product=product), intros, n, self.language)
 
     def several_sentence(self, n: int) -> str:
         """The sentence that says how many defects there are."""
@@ -115,6 +123,17 @@ class Prompts:
             "answers": dict(self.answers),
             "locations": dict(self.locations),
         }
+
+    def reference_intros(self, product: str) -> dict[str, str]:
+        """`one` and `many` with the product filled in (`{n}` left), for the manifest of a dataset with references."""
+        return {k: v.format(product=product, n="{n}") for k, v in self.reference_intro.items()}
+
+
+def with_reference(question: str, intros: tuple[str, ...] | list[str], n: int, language: str | None) -> str:
+    """The question asked with `n` references first: `intros` (one, many with `{n}`) then the question, spaced as the
+    language spaces sentences. Prepare writes training questions with it, and every verb asks with it."""
+    intro = intros[0] if n == 1 else intros[1].format(n=n)
+    return f"{intro}{_SENTENCE_JOINER.get(language or 'en', ' ')}{question.strip()}"
 
 
 def defect_name(defect_type: str) -> str:
@@ -175,6 +194,7 @@ def load_prompts(language: str = "en", path: str | Path | None = None) -> Prompt
         locate_questions=tuple(section["locate_questions"]),
         answers={k: section["answers"][k] for k in _ANSWER_KEYS},
         locations=dict(section["locations"]),
+        reference_intro={k: section["reference_intro"][k] for k in _INTRO_KEYS},
     )
 
 
@@ -207,6 +227,7 @@ def _section_problems(section: dict[str, Any], language: str) -> list[str]:
         shared = set(map(str, verdict)) & set(map(str, heldout))
         problems += [f"heldout_questions: {q!r} is also a verdict question (held-out ones must differ)" for q in shared]
     problems += _answer_problems(section.get("answers"))
+    problems += _intro_problems(section.get("reference_intro"))
     problems += _location_problems(section.get("locations"), language)
     return problems
 
@@ -238,6 +259,19 @@ def _answer_problems(answers: Any) -> list[str]:
         problems += [f"answers.{key}: {p}" for p in _placeholder_problems(text, _PLACEHOLDERS)]
         if parse_verdict(text):
             problems.append(f"answers.{key}: must not start with OK/NG (the verdict word is added automatically)")
+    return problems
+
+
+def _intro_problems(intro: Any) -> list[str]:
+    if not isinstance(intro, dict):
+        return ["reference_intro: must be a mapping with one and many"]
+    problems = []
+    for key, allowed in _INTRO_KEYS.items():
+        text = intro.get(key)
+        if not isinstance(text, str) or not text.strip():
+            problems.append(f"reference_intro.{key}: missing or empty")
+            continue
+        problems += [f"reference_intro.{key}: {p}" for p in _placeholder_problems(text, allowed)]
     return problems
 
 

@@ -100,6 +100,7 @@ def report_context(results: dict) -> dict:
         "gallery": gallery_rows(images, main["id"], threshold),
         "comparison": results.get("comparison", []),
         "loc": localization_context(results),
+        "reference": results.get("reference"),
         "view_warnings": [
             w
             for row in results.get("comparison", [])

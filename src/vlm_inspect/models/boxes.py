@@ -14,7 +14,8 @@ Training answers and the boxes read back from a model's answer go through the sa
 shifts between training and inference. Writing and reading the text is the family's `BoxText`: Qwen's JSON
 `[{"bbox_2d": [x0, y0, x1, y1], "label": "scratch"}]` (also LLaVA-1.5 and Gemma 3) or InternVL's
 `<ref>scratch</ref><box>[[x0, y0, x1, y1]]</box>`. What a model writes badly (unparseable, non-finite, inverted,
-outside the photo, more than `MAX_BOXES`) is dropped and counted, never raised and never returned unclamped.
+outside the photo, more than `MAX_BOXES`) is dropped and counted, never raised and never returned unclamped. A box
+always refers to the inspected photo, never to a reference: each reference is an image part of its own.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Gather concurrent requests into batches for one model that is never used from two threads.
 
 Every model call goes through one queue and one worker thread. Score requests waiting together
-are run as one `predictor.score` batch (up to `max_batch` images), so throughput grows with
-load; generation (describe, chat, streaming) runs one request at a time on the same thread.
+are run as one `predictor.score` batch (up to `max_batch` images, all judged against the same references), so
+throughput grows with load; generation (describe, chat, streaming) runs one request at a time on the same thread.
 The queue is bounded: a request arriving when `max_queue` are waiting is refused at once
 (`QueueFull`) instead of piling up memory and latency.
 """
@@ -27,8 +27,10 @@ _END = object()  # marks the end of a stream on its piece queue
 class Scorer(Protocol):
     """The part of `Predictor` the batcher needs."""
 
-    def score(self, images: Sequence[Image.Image], question: str | None = None, batch_size: int = 8) -> list[float]:
-        """p(NG) per image."""
+    def score(
+        self, images: Sequence[Image.Image], question: str | None = None, batch_size: int = 8, reference: Any = None
+    ) -> list[float]:
+        """p(NG) per image, judged against `reference` (None: the model's own)."""
         ...
 
 
@@ -41,6 +43,11 @@ class _Job:
     future: asyncio.Future
     image: Image.Image | None = None  # a score job
     call: Callable[[], Any] | None = None  # a generation job, run alone
+    reference: Any = None  # a score job's references (None: the model's own); batched only with the same ones
+
+    @property
+    def reference_key(self) -> Any:
+        return None if self.reference is None else self.reference.key
 
 
 @dataclass
@@ -76,14 +83,15 @@ class Batcher:
         """Requests queued and not yet handed to the model."""
         return len(self._pending)
 
-    async def score(self, image: Image.Image) -> float:
-        """p(NG) of one image, computed in a batch with whatever else is waiting.
+    async def score(self, image: Image.Image, reference: Any = None) -> float:
+        """p(NG) of one image judged against `reference` (None: the model's own references), computed in a batch with
+        whatever else waiting is judged against the same.
 
         Raises:
             QueueFull: `max_queue` requests are already waiting.
             asyncio.TimeoutError: no result within `timeout_s` of arriving.
         """
-        job = self._submit(_Job(asyncio.get_running_loop().create_future(), image=image))
+        job = self._submit(_Job(asyncio.get_running_loop().create_future(), image=image, reference=reference))
         return await self._wait(job.future)
 
     async def call(self, fn: Callable[[], T]) -> T:
@@ -165,16 +173,16 @@ class Batcher:
             if job.call is not None:
                 await self._run_call(job)
             else:
-                await self._run_scores([job, *self._take_scores(self.max_batch - 1)])
+                await self._run_scores([job, *self._take_scores(self.max_batch - 1, job.reference_key)])
 
-    def _take_scores(self, n: int) -> list[_Job]:
-        """Up to n more waiting score jobs; generation jobs keep their place in the queue."""
+    def _take_scores(self, n: int, reference_key: Any = None) -> list[_Job]:
+        """Up to n more waiting score jobs judged against the same references; the others keep their place."""
         taken, kept = [], deque()
         while self._pending:
             job = self._pending.popleft()
             if job.future.done():
                 continue
-            if job.call is None and len(taken) < n:
+            if job.call is None and job.reference_key == reference_key and len(taken) < n:
                 taken.append(job)
             else:
                 kept.append(job)
@@ -194,10 +202,10 @@ class Batcher:
 
     async def _run_scores(self, jobs: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
-        images = [job.image for job in jobs]
+        images, reference = [job.image for job in jobs], jobs[0].reference
         try:
             scores = await loop.run_in_executor(
-                self._executor, lambda: self.predictor.score(images, batch_size=len(images))
+                self._executor, lambda: self.predictor.score(images, batch_size=len(images), reference=reference)
             )
             if len(scores) != len(jobs):
                 raise RuntimeError(f"the model returned {len(scores)} scores for {len(jobs)} images")

@@ -1,5 +1,10 @@
-"""The OpenAI-compatible chat route's layer: request bodies, turning chat messages into a prompt and an image,
-and answers as a completion or as server-sent chunks."""
+"""The OpenAI-compatible chat route's layer: request bodies, turning chat messages into a question and images,
+and answers as a completion or as server-sent chunks.
+
+A conversation holds one photo to inspect, or known-good reference photos first and the photo last (MMAD's "the
+first image is a normal sample"); the route judges the last image against the ones before it, or against the
+model's own references when there is one image.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,13 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
+from vlm_inspect.data.reference import MAX_REFERENCES
 from vlm_inspect.service.http import ERROR_TYPES, ApiError, base64_image, check_size, status_of
 
 
@@ -46,8 +53,19 @@ class ChatRequest(BaseModel):
     n: Annotated[int, Field(ge=1, le=1)] = 1
 
 
-def conversation(messages: list[_Message], predictor: Any, max_upload: int) -> tuple[bytes, str]:
-    """(image bytes, LLaVA prompt) from OpenAI chat messages holding exactly one image.
+@dataclass
+class Chat:
+    """What a chat request asks: the photo to inspect, known-good references sent before it, and the turns."""
+
+    photo: bytes
+    references: list[bytes]
+    question: str
+    history: list[tuple[str, str]]
+
+
+def conversation(messages: list[_Message], predictor: Any, max_upload: int) -> Chat:
+    """The photo (the last image), the references (the images before it), the last question and the earlier turns
+    of OpenAI chat messages; the prompt is rendered once the references are decoded (`Predictor.prompt`).
 
     System messages are left out: LLaVA-1.5 as tuned here has no system turn.
     """
@@ -64,18 +82,21 @@ def conversation(messages: list[_Message], predictor: Any, max_upload: int) -> t
             turns[-1][1].extend(texts)
         else:
             turns.append([message.role, texts])
-    if len(images) != 1:
-        raise ApiError(400, f"send exactly one image (an image_url part with a data: URI); got {len(images)}")
+    if not 1 <= len(images) <= 1 + MAX_REFERENCES:
+        raise ApiError(
+            400,
+            "send one image (an image_url part with a data: URI), or up to "
+            f"{MAX_REFERENCES} known-good reference images first and the photo to inspect last; got {len(images)}",
+        )
     if not turns or turns[0][0] != "user" or turns[-1][0] != "user":
         raise ApiError(400, "the conversation must start and end with a user message")
     said = ["\n".join(t for t in texts if t.strip()) for _, texts in turns]
     questions, answers = said[0::2], said[1::2]
     questions[0] = questions[0] or predictor.default_question
     history = list(zip(questions[:-1], answers, strict=True))
-    prompt = predictor.prompt(questions[-1], history)
-    data = _image_url_bytes(images[0])
-    check_size(data, max_upload)
-    return data, prompt
+    photos = [_image_url_bytes(url) for url in images]
+    check_size(b"".join(photos), max_upload)
+    return Chat(photos[-1], photos[:-1], questions[-1], history)
 
 
 def _split_content(content: str | list | None) -> tuple[list[str], list[str]]:
@@ -99,9 +120,10 @@ def _image_url_bytes(url: str) -> bytes:
     return base64_image(url, "image_url")
 
 
-def completion(text: str, model: str, defects: list[dict]) -> dict:
-    """A chat completion: the model's words as they are, and beside them (`defects`, which OpenAI clients pass
-    through) the boxes those words hold, in the photo's pixels."""
+def completion(text: str, model: str, defects: list[dict], reference: dict | None = None) -> dict:
+    """A chat completion: the model's words as they are, and beside them (`defects`, `reference`, which OpenAI
+    clients pass through) the boxes those words hold, in the photo's pixels, and the references it was judged
+    against."""
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -109,6 +131,7 @@ def completion(text: str, model: str, defects: list[dict]) -> dict:
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
         "defects": defects,
+        "reference": reference,
     }
 
 

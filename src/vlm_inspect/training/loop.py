@@ -69,8 +69,10 @@ def print_plan(
     device: Any,
     dtype: Any,
     checkpointing: Checkpointing,
+    image_tokens: tuple[int, int] | None = None,
 ) -> None:
-    """The run's plan as a table, before any step."""
+    """The run's plan as a table, before any step; `image_tokens` (the photo's, its references') of the longest
+    sample."""
     total = sum(p.numel() for p in model.parameters())
     table = Table(title=f"Training plan: {cfg.method} on {device} ({str(dtype).removeprefix('torch.')})")
     table.add_column("item")
@@ -85,6 +87,11 @@ def print_plan(
         ("warmup steps (lr never 0)", plan.warmup_steps),
         ("learning rate / projector", f"{cfg.lr:g} / {cfg.projector_lr:g}"),
         ("trainable parameters", f"{trainable:,} ({100 * trainable / max(total, 1):.2f}%)"),
+        *(
+            [("image tokens per sample: photo + references", "{:,} + {:,}".format(*image_tokens))]
+            if image_tokens
+            else []
+        ),
         ("activation checkpointing", str(checkpointing)),
         ("compiled layers", "yes" if use_compile(cfg, torch.device(device), family_of_model(model)) else "no"),
         ("checkpoint every", f"{plan.save_steps} steps"),

@@ -9,6 +9,9 @@ const TEXT = {
     png: "p(NG)", pass: "Pass", fail: "Reject", error: "Error", waiting: "Inspecting…",
     needKey: "This server needs an API key: enter it at the top right, then drop the photos again.",
     nothing: "Nothing to export yet.", threshold: "threshold", lang: "中文", history: "History",
+    useReference: "Compare with reference", judgedAgainst: "Judged against",
+    ownReference: "Use another reference photo", modelReference: "Model's reference",
+    noReference: "no reference: each photo is judged alone", alone: "judged alone", vs: "vs",
   },
   zh: {
     title: "外观检测", describe: "描述缺陷", locate: "框出缺陷", apiKey: "API 密钥",
@@ -17,11 +20,14 @@ const TEXT = {
     png: "NG 概率", pass: "合格", fail: "不合格", error: "错误", waiting: "检测中…",
     needKey: "此服务器需要 API 密钥：请在右上角输入后重新拖放照片。",
     nothing: "还没有可导出的结果。", threshold: "阈值", lang: "English", history: "历史记录",
+    useReference: "与参考样品对比", judgedAgainst: "对比参考",
+    ownReference: "使用其他参考照片", modelReference: "模型的参考样品",
+    noReference: "无参考样品：每张照片单独判定", alone: "单独判定", vs: "对比",
   },
 };
 const PARALLEL = 4; // requests in flight; the server batches them for the model
 
-const state = { lang: "en", rows: [], queue: [], running: 0 };
+const state = { lang: "en", rows: [], queue: [], running: 0, reference: null, ownReference: null };
 const $ = (id) => document.getElementById(id);
 
 function t(key) {
@@ -34,7 +40,53 @@ function setLang(lang) {
   document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
   document.querySelectorAll("[data-i18n]").forEach((el) => { el.textContent = t(el.dataset.i18n); });
   $("lang").textContent = t("lang");
+  showReference();
   state.rows.forEach(render);
+}
+
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: "Bearer " + key } : {};
+}
+
+// The model's known-good reference photos (GET /v1/reference), shown above the results: what each verdict is
+// judged against unless the operator unticks the box or picks another reference photo.
+async function loadReference() {
+  try {
+    const response = await fetch("/v1/reference", { headers: authHeaders() });
+    if (!response.ok) return;
+    state.reference = (await response.json()).reference;
+    const thumbs = $("reference-photos");
+    thumbs.textContent = "";
+    for (const [i, photo] of (state.reference?.photos || []).entries()) {
+      const image = await fetch(`/v1/reference/${i}`, { headers: authHeaders() });
+      if (!image.ok) continue;
+      const img = document.createElement("img");
+      img.src = URL.createObjectURL(await image.blob());
+      img.alt = img.title = photo.file;
+      thumbs.append(img);
+    }
+  } catch (err) { /* the page still inspects; it shows no reference */ }
+  showReference();
+}
+
+function showReference() {
+  const own = state.ownReference;
+  const used = $("use-reference").checked;
+  const known = own ? { name: "upload", photos: [{ file: own.name }] } : state.reference;
+  $("reference").classList.toggle("off", !used);
+  $("reference-name").textContent = known && used ? referenceLabel(known) : t("noReference");
+  $("reference-clear").hidden = !own;
+  if (own) {
+    const img = document.createElement("img");
+    img.src = URL.createObjectURL(own);
+    img.alt = img.title = own.name;
+    $("reference-photos").replaceChildren(img);
+  }
+}
+
+function referenceLabel(record) {
+  return record ? `${record.name}: ${record.photos.map((p) => p.file).join(", ")}` : t("alone");
 }
 
 function addFiles(files) {
@@ -70,6 +122,9 @@ async function inspect(row) {
   form.append("file", row.file, row.name);
   form.append("describe", $("describe").checked ? "true" : "false");
   form.append("locate", $("locate").checked ? "true" : "false");
+  // Unticked: the photo alone; another reference photo picked: judged against it; else the model's own.
+  if (!$("use-reference").checked) form.append("reference", "none");
+  else if (state.ownReference) form.append("reference", state.ownReference, state.ownReference.name);
   // A station server records where the photo came from and its name.
   const headers = { "X-Inspect-Source": "page", "X-Inspect-File": encodeURIComponent(row.name) };
   const key = $("api-key").value.trim();
@@ -109,6 +164,10 @@ function render(row) {
     drawBoxes(card.querySelector(".photo"), row.defects || []);
     meta.textContent = `${row.verdict === "NG" ? t("fail") : t("pass")} · ${t("threshold")} ${row.threshold} · ${Math.round(row.latency_ms)} ms`;
     if (row.record_id) meta.textContent += ` · #${row.record_id}`;
+    const vs = document.createElement("span"); // which reference this verdict was judged against
+    vs.className = row.reference ? "vs" : "";
+    vs.textContent = row.reference ? ` · ${t("vs")} ${referenceLabel(row.reference)}` : ` · ${t("alone")}`;
+    meta.append(vs);
   }
 }
 
@@ -150,7 +209,7 @@ function csvCell(value) {
 
 function exportCsv() {
   if (!state.rows.length) { showNotice(t("nothing")); return; }
-  const head = ["file", "verdict", "p_ng", "threshold", "description", "defects", "model", "latency_ms", "time", "error"];
+  const head = ["file", "verdict", "p_ng", "threshold", "description", "defects", "reference", "model", "latency_ms", "time", "error"];
   const lines = [head.join(",")].concat(state.rows.map((r) => head.map((k) => csvCell(k === "file" ? r.name : r[k])).join(",")));
   // The byte-order mark makes Excel read the Chinese text as UTF-8.
   const blob = new Blob(["\ufeff" + lines.join("\r\n") + "\r\n"], { type: "text/csv;charset=utf-8" });
@@ -190,7 +249,15 @@ document.addEventListener("DOMContentLoaded", () => {
   $("clear").addEventListener("click", clearSession);
   $("lang").addEventListener("click", () => setLang(state.lang === "en" ? "zh" : "en"));
   $("api-key").value = sessionStorage.getItem("vlm-inspect-key") || "";
-  $("api-key").addEventListener("change", (ev) => sessionStorage.setItem("vlm-inspect-key", ev.target.value));
+  $("api-key").addEventListener("change", (ev) => { sessionStorage.setItem("vlm-inspect-key", ev.target.value); loadReference(); });
+  $("use-reference").addEventListener("change", showReference);
+  $("reference-file").addEventListener("change", (ev) => { state.ownReference = ev.target.files[0] || null; showReference(); });
+  $("reference-clear").addEventListener("click", () => {
+    state.ownReference = null;
+    $("reference-file").value = "";
+    loadReference();
+  });
   const saved = localStorage.getItem("vlm-inspect-lang");
   setLang(saved || (navigator.language.startsWith("zh") ? "zh" : "en"));
+  loadReference();
 });

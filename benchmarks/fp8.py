@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import gpu  # noqa: E402  (benchmarks/gpu.py: model, data, rows, timing)
 
 from vlm_inspect.config import TrainConfig  # noqa: E402
+from vlm_inspect.folders import RunFolder  # noqa: E402
 from vlm_inspect.inference import Predictor  # noqa: E402
 from vlm_inspect.models import fp8 as fp8_module  # noqa: E402
 from vlm_inspect.models.families import family_of_model
@@ -152,14 +153,13 @@ def loss_curve(bench: gpu.Bench, setup: str) -> tuple[list[float], dict[str, tor
     checkpointing = memory.Checkpointing(0, len(memory.language_layers(model)))
     trainer = loop.build_trainer(
         cfg,
-        bench.work / "curve",
+        RunFolder(bench.work / "curve"),
         model,
         dataset,
         gpu.collator(bench),
         plan,
         gpu.bench_dtype(bench),
         checkpointing,
-        None,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.train()

@@ -66,6 +66,7 @@ from vlm_inspect.data.dataset import Collator, load_training_dataset
 from vlm_inspect.data.images import square_image
 from vlm_inspect.data.prompts import load_prompts
 from vlm_inspect.data.reference import ReferencePhoto, read_reference_folder, write_reference_folder
+from vlm_inspect.folders import RunFolder
 from vlm_inspect.inference import Predictor
 from vlm_inspect.models.chat import IMAGE, conversation
 from vlm_inspect.models.chat import prompt as chat_prompt
@@ -816,7 +817,7 @@ def train_ours(
         steps = bench.warmup + bench.steps + (1 if bench.traces else 0)  # the traced step comes after the timed ones
         plan = Plan(len(dataset), 1, chosen, 1, len(dataset) // chosen, steps, 1.0, 0, 10**9)
         trainer = loop.build_trainer(
-            cfg, bench.work / "run", model, dataset, collator(bench), plan, bench_dtype(bench), checkpointing, None
+            cfg, RunFolder(bench.work / "run"), model, dataset, collator(bench), plan, bench_dtype(bench), checkpointing
         )
         trainer.args.disable_tqdm = True
         undo_defaults(bench, trainer, model, undo)
@@ -1260,7 +1261,14 @@ def probe_rows(bench: Bench) -> None:
         checkpointing = memory.Checkpointing(total if ckpt else 0, total)
         plan = Plan(len(dataset), 1, batch, 1, len(dataset) // batch, 100, 1.0, 0, 10**9)
         trainer = loop.build_trainer(
-            cfg, bench.work / "probe", model, dataset, collator(bench), plan, bench_dtype(bench), checkpointing, None
+            cfg,
+            RunFolder(bench.work / "probe"),
+            model,
+            dataset,
+            collator(bench),
+            plan,
+            bench_dtype(bench),
+            checkpointing,
         )
         row = Row(f"probe, batch {batch}", f"ours, checkpointing {'on' if ckpt else 'off'}", batch)
         loader = trainer.get_train_dataloader()
@@ -1699,7 +1707,7 @@ def ours_qlora(bench: Bench, cfg: TrainConfig, row: Row, budget_gib: float) -> t
     chosen, checkpointing = memory.choose_batch_size(cfg, model, dataset, bench.device)
     plan = Plan(len(dataset), 1, chosen, 1, len(dataset) // chosen, bench.warmup + bench.steps, 1.0, 0, 10**9)
     trainer = loop.build_trainer(
-        cfg, bench.work / "qrun", model, dataset, collator(bench), plan, torch.bfloat16, checkpointing, None
+        cfg, RunFolder(bench.work / "qrun"), model, dataset, collator(bench), plan, torch.bfloat16, checkpointing
     )
     row.detail.update(checkpointing=str(checkpointing), estimate_gib=checkpointing.estimate_gib)
     timer = StepTimes(bench.device)

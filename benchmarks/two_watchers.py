@@ -21,6 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from vlm_inspect.config import WatchConfig
+from vlm_inspect.data.reference import NO_REFERENCE
 from vlm_inspect.station.history import HistoryFilter, all_records
 from vlm_inspect.station.store import open_store
 from vlm_inspect.watch import Watcher
@@ -30,16 +31,20 @@ class StandIn:
     """The predictor interface: p(NG) is the photo's darkness; each photo scored takes `seconds`."""
 
     name = "stand-in"
+    product = "product"
 
     def __init__(self, seconds: float):
         self.seconds, self.calls = seconds, 0
 
-    def score(self, images, question=None, batch_size=8):
+    def reference_for(self, reference=None):
+        return NO_REFERENCE if reference is None else reference
+
+    def score(self, images, question=None, batch_size=8, reference=None):
         self.calls += len(images)
         time.sleep(self.seconds * len(images))
         return [1.0 - sum(im.convert("L").getdata()) / (255.0 * im.width * im.height) for im in images]
 
-    def describe(self, images, question=None, max_new_tokens=64, batch_size=8):
+    def describe(self, images, question=None, max_new_tokens=64, batch_size=8, reference=None):
         return [""] * len(images)
 
 

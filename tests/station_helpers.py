@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from vlm_inspect.data.reference import NO_REFERENCE
 from vlm_inspect.inference import Answer
 
 PG_URL_ENV = "VLM_INSPECT_TEST_PG_URL"
@@ -33,24 +34,32 @@ def photo(shade: int = 230, size: tuple[int, int] = (96, 72), spot: bool = False
 
 
 class DarknessModel:
-    """Stands in for `Predictor` in the hot folder: p(NG) is how dark the photo is; counts every photo scored."""
+    """Stands in for `Predictor` in the hot folder: p(NG) is how dark the photo is; counts every photo scored and
+    keeps the references each batch was judged against (`judged`, as given: None is the model's own)."""
 
     name = "darkness"
+    product = "box"
 
-    def __init__(self) -> None:
+    def __init__(self, reference=NO_REFERENCE) -> None:
         self.scored = 0
+        self.reference = reference
+        self.judged: list = []
 
-    def score(self, images, question=None, batch_size=8):
+    def reference_for(self, reference=None):
+        return self.reference if reference is None else reference
+
+    def score(self, images, question=None, batch_size=8, reference=None):
         self.scored += len(images)
+        self.judged.append(reference)
         return [1.0 - sum(img.convert("L").getdata()) / (255.0 * img.width * img.height) for img in images]
 
-    def describe(self, images, question=None, max_new_tokens=64, batch_size=8):
+    def describe(self, images, question=None, max_new_tokens=64, batch_size=8, reference=None):
         return ["a dark photo"] * len(images)
 
-    def answers(self, images, question=None, max_new_tokens=64, batch_size=8):
+    def answers(self, images, question=None, max_new_tokens=64, batch_size=8, reference=None):
         return [Answer(text, [], 0) for text in self.describe(images, question, max_new_tokens, batch_size)]
 
-    def locate(self, images, max_new_tokens=64, batch_size=8):
+    def locate(self, images, max_new_tokens=64, batch_size=8, reference=None):
         """A box over the darkest quarter: the top left one, in the photo's pixels."""
         return [Answer(None, [{"type": "dark", "box": [0.0, 0.0, img.width / 2, img.height / 2]}], 1) for img in images]
 
@@ -109,6 +118,8 @@ def reset_postgres(url: str) -> None:
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
     with engine.begin() as conn:
         conn.execute(
-            text("DROP TABLE IF EXISTS claims, baselines, reviews, inspections, photos, alembic_version CASCADE")
+            text(
+                "DROP TABLE IF EXISTS golden_sets, claims, baselines, reviews, inspections, photos, alembic_version CASCADE"
+            )
         )
     engine.dispose()

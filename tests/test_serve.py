@@ -43,6 +43,7 @@ class FakePredictor:
     name = "fake-model"
     has_adapter = False
     default_question = "Is this product OK or NG?"
+    product = "product"
 
     def __init__(self, delay_s: float = 0.0, gate: threading.Event | None = None, reference=NO_REFERENCE):
         self.delay_s = delay_s
@@ -480,7 +481,7 @@ def test_serve_warms_the_model_up_before_it_listens(monkeypatch, tmp_path: Path)
     events = []
 
     class FakePredictor:
-        name, device = "fake", None
+        name, device, product = "fake", None, "product"
 
         def warm_up(self, max_batch: int, max_new_tokens: int) -> None:
             events.append(("warm_up", max_batch, max_new_tokens))

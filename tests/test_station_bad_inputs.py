@@ -124,15 +124,15 @@ HOT_KINDS = [
 class PickyModel(DarknessModel):
     """The fake model, failing on 50 x 50 photos (60 x 60 when describing) the way a real one fails on a photo."""
 
-    def score(self, images, question=None, batch_size=8):
+    def score(self, images, question=None, batch_size=8, reference=None):
         if any(image.size == (50, 50) for image in images):
             raise RuntimeError("shape mismatch in the vision tower")
-        return super().score(images, question, batch_size)
+        return super().score(images, question, batch_size, reference)
 
-    def describe(self, images, question=None, max_new_tokens=64, batch_size=8):
+    def describe(self, images, question=None, max_new_tokens=64, batch_size=8, reference=None):
         if any(image.size == (60, 60) for image in images):
             raise RuntimeError("CUDA error: an illegal memory access")
-        return super().describe(images, question, max_new_tokens, batch_size)
+        return super().describe(images, question, max_new_tokens, batch_size, reference)
 
 
 def hot_watcher(folder: Path, station: Path, model: Any, **settings: Any) -> Watcher:
@@ -745,9 +745,9 @@ def test_paths_watch_prints_names_as_they_are(name: str, tmp_path: Path, capsys:
 
 def _watch_counting(folder: str, station: str, counts: Any, slot: int) -> None:
     class SlowModel(DarknessModel):
-        def score(self, images, question=None, batch_size=8):
+        def score(self, images, question=None, batch_size=8, reference=None):
             time.sleep(0.02 * len(images))  # a model takes time: the window two watchers race in
-            return super().score(images, question, batch_size)
+            return super().score(images, question, batch_size, reference)
 
     model = SlowModel()
     cfg = WatchConfig(folder=folder, model="x", station=station, poll_s=0.05, max_polls=6, sort="result-file")

@@ -58,7 +58,7 @@ class ModelSettings:
     """Weights' precision; auto is bf16 on a GPU that has it, fp32 on CPU. fp8: the language-model
     linears stored and run in FP8 (the rest bf16), on GPUs of compute capability 8.9+."""
     reference: str = "run"
-    """Known-good photos each photo is judged against: run (the run's own references, or the merged model's; none for a model without), none (the photo alone), or a photo or a folder of them."""
+    """Known-good photos each photo is judged against: run (serve and watch with a station: its golden set for the product when one is chosen; else the run's own references, or the merged model's; none for a model without), none (the photo alone), or a photo or a folder of them."""
 
     def model_settings(self) -> ModelSettings:
         """This group alone (a copy), as `Predictor.load` takes it."""

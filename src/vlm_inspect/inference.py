@@ -159,6 +159,12 @@ class Predictor:
         has_adapter = settings.adapter is not None
         return cls(net.eval(), processor, name, has_adapter, aspect, question, in_force, locate, reference, facts)
 
+    @property
+    def product(self) -> str:
+        """The product word its run was trained on (`prepare --product`), or `product`: a station keeps one golden
+        set per product (station/references.py)."""
+        return self.facts.product or "product"
+
     def reference_for(self, reference: Reference | None = None) -> Reference:
         """The references a call given `reference` judges against: that set, or this predictor's default."""
         return self.reference if reference is None else reference

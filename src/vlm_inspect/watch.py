@@ -30,7 +30,7 @@ from rich.markup import escape
 from vlm_inspect.config import WatchConfig, require
 from vlm_inspect.data.images import IMAGE_SUFFIXES, load_image, read_file_bytes
 from vlm_inspect.data.safe_read import MAX_NAME_BYTES, fit_file_name, outside_reason, printable, show_path
-from vlm_inspect.errors import ConfigError, DataError
+from vlm_inspect.errors import ConfigError, DataError, StationError
 from vlm_inspect.inference import Answer, Predictor
 from vlm_inspect.station.baselines import keep_report, read_report
 from vlm_inspect.station.claims import claim, new_owner, release
@@ -38,6 +38,7 @@ from vlm_inspect.station.identity import model_identity
 from vlm_inspect.station.line_settings import LineSettings, line_problems
 from vlm_inspect.station.metrics import serve_metrics
 from vlm_inspect.station.monitor import LineMonitor
+from vlm_inspect.station.references import GoldenSource
 from vlm_inspect.station.store import StationStore, open_store
 
 RESULT_SUFFIX = ".result.json"
@@ -116,6 +117,8 @@ class Watcher:
         self.told: set[str] = set()  # skipped entries already logged with their reason, so each is logged once
         self.owner = new_owner()  # names this watcher's claims
         self.inspected = 0
+        self.golden = GoldenSource(store, predictor.product, enabled=cfg.reference == "run")
+        self.against_said: str | None = None
 
     def run(self) -> None:
         limit = 2 if self.cfg.once and self.cfg.max_polls is None else self.cfg.max_polls
@@ -189,9 +192,11 @@ class Watcher:
         if not todo:
             return 0
         started = time.perf_counter()
-        todo, blobs, images, scores = self._score(todo, blobs, images)
-        answers = self._describe(todo, images, scores)
+        against = self._against()
+        todo, blobs, images, scores = self._score(todo, blobs, images, against)
+        answers = self._describe(todo, images, scores, against)
         latency = (time.perf_counter() - started) * 1000 / max(len(todo), 1)
+        used = self.predictor.reference_for(against).record()
         for item, data, image, p_ng, answer in zip(todo, blobs, images, scores, answers, strict=True):
             verdict = "NG" if p_ng >= self.cfg.threshold else "OK"
             record_id = self.store.record(
@@ -206,6 +211,7 @@ class Watcher:
                 description=answer.text if answer else None,
                 defects=answer.defects if answer else None,
                 boxes_dropped=answer.boxes_dropped if answer else None,
+                reference=used,
                 model_name=self.predictor.name,
                 model_hash=self.model_hash,
                 latency_ms=round(latency, 1),
@@ -213,18 +219,32 @@ class Watcher:
             )
             release(self.store, item.key, self.owner)
             self.monitor.answered(self.line, self.predictor.name, verdict, latency)
-            defects = answer.defects if answer else None
+            said = {"defects": answer.defects if answer else None, "reference": used}
             if record_id is None:  # another watcher recorded it first: its verdict stands
                 recorded = self.store.find_key(item.key)
-                verdict, p_ng, record_id, defects = recorded.verdict, recorded.p_ng, recorded.id, _defects(recorded)
-            self._finish(item, verdict, p_ng, record_id, defects)
+                verdict, p_ng, record_id, said = recorded.verdict, recorded.p_ng, recorded.id, _said(recorded)
+            self._finish(item, verdict, p_ng, record_id, said)
         self.monitor.maybe_check()
         return len(todo)
+
+    def _against(self) -> Any:
+        """The station's golden set for the product when one is in force (None: the predictor's own references);
+        a set whose stored photos cannot be read is logged and the predictor's own are used, as each record says."""
+        try:
+            against = self.golden.current()
+        except (StationError, DataError) as err:
+            self._tell(self.folder, f"the station's golden set cannot be used ({err})", "judging without")
+            against = None
+        said = self.predictor.reference_for(against).label()
+        if said != self.against_said:
+            self.against_said = said
+            console.print(f"judging against {escape(printable(said))}", highlight=False)
+        return against
 
     def _finish_recorded(self, item: _Ready) -> bool:
         recorded = self.store.find_key(item.key)
         if recorded is not None:
-            self._finish(item, recorded.verdict, recorded.p_ng, recorded.id, _defects(recorded))
+            self._finish(item, recorded.verdict, recorded.p_ng, recorded.id, _said(recorded))
         return recorded is not None
 
     def _load(self, item: _Ready) -> tuple[bytes, Any] | None:
@@ -237,18 +257,23 @@ class Watcher:
                 self._skip(item, str(err).removeprefix(f"{name}: "))
             return None
 
-    def _score(self, todo: list[_Ready], blobs: list[bytes], images: list[Any]) -> tuple[list, list, list, list]:
+    def _score(
+        self, todo: list[_Ready], blobs: list[bytes], images: list[Any], against: Any = None
+    ) -> tuple[list, list, list, list]:
         """(photos, bytes, images, p(NG)) of the photos the model answered. When it fails on a batch, each photo is
         scored alone, so the one it cannot answer is skipped with the reason and the others are inspected."""
         try:
-            return todo, blobs, images, self.predictor.score(images, batch_size=self.cfg.batch_size)
+            scores = self.predictor.score(images, batch_size=self.cfg.batch_size, reference=against)
+            return todo, blobs, images, scores
         except Exception as err:  # whatever the model raises on one photo must not stop the line
             failure = err
         if len(todo) == 1:
             self._skip(todo[0], f"the model could not answer it ({type(failure).__name__}: {failure})")
             release(self.store, todo[0].key, self.owner)
             return [], [], [], []
-        rows = [self._score([item], [data], [image]) for item, data, image in zip(todo, blobs, images, strict=True)]
+        rows = [
+            self._score([item], [data], [image], against) for item, data, image in zip(todo, blobs, images, strict=True)
+        ]
         return tuple([value for row in rows for value in row[k]] for k in range(4))  # type: ignore[return-value]
 
     def _skip(self, item: _Ready, reason: str) -> None:
@@ -262,7 +287,9 @@ class Watcher:
             self.told.add(said)
             console.print(f"[yellow]{what}[/] {escape(said)}", highlight=False)
 
-    def _describe(self, todo: list[_Ready], images: list[Any], scores: list[float]) -> list[Answer | None]:
+    def _describe(
+        self, todo: list[_Ready], images: list[Any], scores: list[float], against: Any = None
+    ) -> list[Answer | None]:
         """The NG photos' answers, when asked: the description and the defects it boxes (`describe`), or the
         boxes alone (`locate`, which keeps the description when both are asked). A photo the model cannot answer
         keeps its verdict, without them, and the reason is logged."""
@@ -271,31 +298,29 @@ class Watcher:
         if not ng or not (self.cfg.describe or self.cfg.locate):
             return answers
         try:
-            found = self._answers([images[i] for i in ng])
+            found = self._answers([images[i] for i in ng], against)
         except Exception:  # whatever the model raises on one photo must not stop the line: each alone
-            found = [self._answer_one(todo[i], images[i]) for i in ng]
+            found = [self._answer_one(todo[i], images[i], against) for i in ng]
         for i, answer in zip(ng, found, strict=True):
             answers[i] = answer
         return answers
 
-    def _answers(self, photos: list[Any]) -> list[Answer]:
-        described = self.predictor.answers(photos) if self.cfg.describe else [None] * len(photos)
-        located = self.predictor.locate(photos) if self.cfg.locate else described
+    def _answers(self, photos: list[Any], against: Any = None) -> list[Answer]:
+        described = self.predictor.answers(photos, reference=against) if self.cfg.describe else [None] * len(photos)
+        located = self.predictor.locate(photos, reference=against) if self.cfg.locate else described
         return [
             Answer(text.text if text else None, boxes.defects, boxes.boxes_dropped)
             for text, boxes in zip(described, located, strict=True)
         ]
 
-    def _answer_one(self, item: _Ready, image: Any) -> Answer | None:
+    def _answer_one(self, item: _Ready, image: Any, against: Any = None) -> Answer | None:
         try:
-            return self._answers([image])[0]
+            return self._answers([image], against)[0]
         except Exception as err:
             self._tell(item.path, f"the model could not describe it ({err})", "recorded without a description")
             return None
 
-    def _finish(
-        self, item: _Ready, verdict: str, p_ng: float | None, record_id: int, defects: list[dict] | None = None
-    ) -> None:
+    def _finish(self, item: _Ready, verdict: str, p_ng: float | None, record_id: int, said: dict) -> None:
         """Move or answer the photo as asked; safe to repeat after a crash. One that cannot be moved or answered
         (a name too long for its result file, a read-only folder) is logged; its record stays."""
         self.done.add(item.key)
@@ -304,7 +329,7 @@ class Watcher:
             if self.cfg.sort == "move":
                 where = self._move(item.path, verdict)
             elif self.cfg.sort == "result-file":
-                where = self._answer(item.path, verdict, p_ng, record_id, defects)
+                where = self._answer(item.path, verdict, p_ng, record_id, said)
         except OSError as err:
             done = "moved" if self.cfg.sort == "move" else "answered"
             where = f"  (recorded as {record_id}, but not {done}: {err.strerror or err})"
@@ -325,7 +350,9 @@ class Watcher:
             return "  (already moved)"
         return f"  -> {printable(target.relative_to(self.folder))}"
 
-    def _answer(self, path: Path, verdict: str, p_ng: float | None, record_id: int, defects: list[dict] | None) -> str:
+    def _answer(self, path: Path, verdict: str, p_ng: float | None, record_id: int, said: dict) -> str:
+        """The result file: verdict, p(NG), model, record id, the reference judged against (when known) and the
+        boxes (when asked)."""
         result = path.with_name(path.name + RESULT_SUFFIX)
         if len(os.fsencode(result.name)) > MAX_NAME_BYTES:
             return f"  (recorded as {record_id}; no {RESULT_SUFFIX}: its name would be over {MAX_NAME_BYTES} bytes)"
@@ -333,14 +360,20 @@ class Watcher:
             return f"  ({printable(result.name)} already written)"
         body = {"file": show_path(path.name), "verdict": verdict, "p_ng": p_ng, "threshold": self.cfg.threshold}
         body |= {"model": self.predictor.name, "record_id": record_id}
-        if defects is not None:
-            body["defects"] = defects
+        if "reference" in said:
+            body["reference"] = said["reference"]
+        if said.get("defects") is not None:
+            body["defects"] = said["defects"]
         tmp = result.with_name(fit_file_name(f".{result.name}", ".tmp"))
         tmp.write_text(json.dumps(body, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, result)
         return f"  -> {printable(result.name)}"
 
 
-def _defects(recorded: Any) -> list[dict] | None:
-    """The boxes an earlier inspection recorded (the photo's pixels), or None."""
-    return json.loads(recorded.defects_json) if recorded.defects_json else None
+def _said(recorded: Any) -> dict:
+    """What an earlier inspection recorded besides its verdict: its boxes (the photo's pixels, or None) and, when
+    known, the reference it was judged against."""
+    said = {"defects": json.loads(recorded.defects_json) if recorded.defects_json else None}
+    if recorded.reference_json is not None:
+        said["reference"] = json.loads(recorded.reference_json)
+    return said

@@ -104,7 +104,8 @@ def create_app(predictor: Any, cfg: ServeConfig) -> FastAPI:
     _add_api_routes(app, predictor, cfg, max_upload, recorder)
     _add_page_routes(app)
     auth = [Depends(key_checker(cfg.api_key))]
-    app.include_router(station_router(recorder.store, auth, page_file, recorder.monitor.settings.sample))
+    sample = recorder.monitor.settings.sample
+    app.include_router(station_router(recorder.store, auth, page_file, sample, predictor.product))
     app.include_router(line_router(recorder.monitor, auth, page_file))
     return app
 
@@ -128,12 +129,13 @@ def _add_api_routes(app: FastAPI, predictor: Any, cfg: ServeConfig, max_upload: 
 
     @app.get("/v1/reference", dependencies=auth)
     async def reference() -> dict:
-        """The known-good photos every inspection is judged against unless it names others."""
-        return {"reference": predictor.reference.record()}
+        """The known-good photos every inspection is judged against unless it names others: the station's golden
+        set for the product when one is in force, else the model's own."""
+        return {"reference": predictor.reference_for(await recorder.against()).record()}
 
     @app.get("/v1/reference/{index}", dependencies=auth)
     async def reference_image(index: int) -> Response:
-        return reference_photo(predictor.reference, index)
+        return reference_photo(predictor.reference_for(await recorder.against()), index)
 
     @app.post("/v1/inspect", dependencies=auth)
     async def inspect(request: Request) -> dict:
@@ -142,6 +144,7 @@ def _add_api_routes(app: FastAPI, predictor: Any, cfg: ServeConfig, max_upload: 
         threshold = cfg.threshold if threshold is None else threshold
         image = await _decode(data, "upload", decode_slots)
         against = await _reference(named, decode_slots)
+        against = await recorder.against() if against is None else against  # named ones, else the station's
         batcher: Batcher = request.app.state.batcher
         p_ng = await until_client_leaves(request, batcher.score(image, against))
         answer: dict[str, Any] = {"verdict": "NG" if p_ng >= threshold else "OK", "p_ng": p_ng, "threshold": threshold}
@@ -165,19 +168,21 @@ def _add_api_routes(app: FastAPI, predictor: Any, cfg: ServeConfig, max_upload: 
         # Images before the last are known-good references (MMAD's "the first image is a normal sample"); with one
         # image, the model's own references.
         against = await _reference(references_of(chat.references), decode_slots)
+        against = await recorder.against() if against is None else against
+        used = predictor.reference_for(against).record()
         prompt = predictor.prompt(chat.question, chat.history, against)
         max_new = min(req.max_completion_tokens or req.max_tokens or cfg.max_new_tokens, cfg.max_new_tokens)
         batcher: Batcher = request.app.state.batcher
         if req.stream:
             pieces = batcher.stream(lambda: predictor.stream(image, prompt, max_new, req.temperature, against))
             return await until_client_leaves(
-                request, stream_response(recorder.streamed(pieces, data, image), predictor.name)
+                request, stream_response(recorder.streamed(pieces, data, image, used), predictor.name)
             )
         work = batcher.call(lambda: predictor.generate([image], [prompt], max_new, req.temperature, against))
         texts = await until_client_leaves(request, work)
         defects = predictor.read_answer(texts[0], image).defects
-        await recorder.chatted(data, image, texts[0], started, defects)
-        return completion(texts[0], predictor.name, defects, predictor.reference_for(against).record())
+        await recorder.chatted(data, image, texts[0], started, defects, used)
+        return completion(texts[0], predictor.name, defects, used)
 
 
 def _add_page_routes(app: FastAPI) -> None:

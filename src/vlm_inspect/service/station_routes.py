@@ -6,10 +6,13 @@ Routes (all but the pages need the API key when one is set):
 its reviews), `GET /v1/station/records/{id}/photo` (the photo's bytes), `POST /v1/station/records/{id}/reviews`
 (an operator's review), `GET /v1/station/queue?order=` (the labeller's queue: oldest, least-sure,
 disagreements or audit first; station/queue.py). The list and the CSV take `order=` and `line=` too.
+`GET /v1/station/golden?product=` (the product's golden set in force), `PUT /v1/station/golden` (a new set from
+records an operator confirmed OK; no records: cleared; station/references.py).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import replace
@@ -24,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from vlm_inspect.config import ServeConfig
 from vlm_inspect.data.prompts import parse_verdict
-from vlm_inspect.errors import StationError
+from vlm_inspect.errors import DataError, StationError
 from vlm_inspect.service.http import error_response, guard, key_checker, page_file, validation_problems
 from vlm_inspect.service.limits import BodyLimit
 from vlm_inspect.service.params import QueryReader
@@ -34,6 +37,7 @@ from vlm_inspect.station.history import HistoryFilter, all_records, csv_text, ge
 from vlm_inspect.station.identity import model_identity
 from vlm_inspect.station.line_settings import LineSettings
 from vlm_inspect.station.monitor import LineMonitor
+from vlm_inspect.station.references import GoldenSource, golden_set, set_golden
 from vlm_inspect.station.store import MAX_DESCRIPTION_CHARS, MAX_OPERATOR_CHARS, StationStore, open_store
 
 SOURCE_HEADER = "x-inspect-source"
@@ -42,6 +46,7 @@ _PHOTO_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp", 
 _PHOTO_TYPES |= {".webp": "image/webp", ".gif": "image/gif"}
 LABEL_BODY_BYTES = 2 * 1024**2
 """Largest request body the labeller takes: a review with every box it may hold is under 0.1 MB."""
+log = logging.getLogger("vlm_inspect.serve")
 
 
 class Recorder:
@@ -54,9 +59,11 @@ class Recorder:
         model_hash: str | None = None,
         monitor: LineMonitor | None = None,
         line: str | None = None,
+        golden: GoldenSource | None = None,
     ):
         self.store, self.model_name, self.model_hash, self.line = store, model_name, model_hash, line
         self.monitor = monitor or LineMonitor(store, LineSettings())  # metrics, and drift checks with a store
+        self.golden = golden or GoldenSource(None, "product")
 
     @classmethod
     def for_serve(cls, cfg: ServeConfig, predictor: Any) -> Recorder:
@@ -66,7 +73,17 @@ class Recorder:
         store, model_hash = open_store(cfg.station, cfg.db), model_identity(cfg.model, cfg.adapter)[1]
         if cfg.baseline:
             keep_report(store, model_hash, predictor.name, read_report(cfg.baseline))
-        return cls(store, predictor.name, model_hash, LineMonitor(store, settings), cfg.line)
+        golden = GoldenSource(store, predictor.product, enabled=cfg.reference == "run")  # unless --reference names
+        return cls(store, predictor.name, model_hash, LineMonitor(store, settings), cfg.line, golden)
+
+    async def against(self) -> Any:
+        """The station's golden set for the product when one is in force, else None (the model's own references).
+        A set whose stored photos cannot be read is logged and left out; each record says what was used."""
+        try:
+            return await run_in_threadpool(self.golden.current)
+        except (StationError, DataError) as err:
+            log.warning("the station's golden set for %r cannot be used: %s", self.golden.product, err)
+            return None
 
     def close(self) -> None:
         if self.store is not None:
@@ -78,19 +95,27 @@ class Recorder:
         self.monitor.answered(self.line or source, self.model_name, answer["verdict"], answer.get("latency_ms"))
         if self.store is None:
             return
-        kept = ("verdict", "p_ng", "threshold", "description", "latency_ms", "defects", "boxes_dropped")
+        kept = ("verdict", "p_ng", "threshold", "description", "latency_ms", "defects", "boxes_dropped", "reference")
         fields = {k: answer.get(k) for k in kept}
         answer["record_id"] = await self._record(data, image, _upload_name(request), source, fields)
 
     async def chatted(
-        self, data: bytes, image: Image.Image, text: str, started: float, defects: list[dict] | None = None
+        self,
+        data: bytes,
+        image: Image.Image,
+        text: str,
+        started: float,
+        defects: list[dict] | None = None,
+        reference: dict | None = None,
     ) -> None:
-        """Record an OpenAI-route answer about an image: the verdict it starts with, the text and its boxes."""
+        """Record an OpenAI-route answer about an image: the verdict it starts with, the text, its boxes and the
+        reference it was judged against (`Reference.record()`)."""
         fields = {
             "verdict": parse_verdict(text),
             "description": text,
             "latency_ms": _since(started),
             "defects": defects,
+            "reference": reference,
         }
         self.monitor.answered(self.line or "chat", self.model_name, fields["verdict"], fields["latency_ms"])
         if self.store is None:
@@ -98,7 +123,7 @@ class Recorder:
         await self._record(data, image, "image_url", "chat", fields)
 
     async def streamed(
-        self, pieces: AsyncGenerator[str, None], data: bytes, image: Image.Image
+        self, pieces: AsyncGenerator[str, None], data: bytes, image: Image.Image, reference: dict | None = None
     ) -> AsyncGenerator[str, None]:
         """Pass a streamed answer through and record it once it is complete."""
         started, said = time.perf_counter(), []
@@ -108,7 +133,7 @@ class Recorder:
                 yield piece
         finally:
             await pieces.aclose()
-        await self.chatted(data, image, "".join(said), started)
+        await self.chatted(data, image, "".join(said), started, reference=reference)
 
     async def _record(self, data: bytes, image: Image.Image, name: str, source: str, fields: dict) -> int | None:
         fields |= {"model_name": self.model_name, "model_hash": self.model_hash, "line": self.line}
@@ -142,10 +167,22 @@ class _ReviewBody(BaseModel):
     description: Annotated[str, Field(max_length=MAX_DESCRIPTION_CHARS)] | None = None
 
 
+class _GoldenBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    record_ids: Annotated[list[int], Field(max_length=64)]  # how many a set holds: references.set_golden
+    operator: Annotated[str, Field(max_length=MAX_OPERATOR_CHARS)]
+    product: Annotated[str, Field(max_length=80)] | None = None
+
+
 def station_router(
-    store: StationStore | None, auth: list, page: Callable[[str], Response], sample: AuditSample = AuditSample()
+    store: StationStore | None,
+    auth: list,
+    page: Callable[[str], Response],
+    sample: AuditSample = AuditSample(),
+    product: str | None = None,
 ) -> APIRouter:
-    """History, review, CSV and label-queue routes over `store` (`sample`: the audit order's); 404 without a store."""
+    """History, review, CSV, label-queue and golden-set routes over `store` (`sample`: the audit order's;
+    `product`: the served model's, the golden routes' default); 404 without a store."""
     router = APIRouter()
 
     @router.get("/history", include_in_schema=False)
@@ -204,12 +241,36 @@ def station_router(
             raise HTTPException(422, str(err)) from None
         return {"review_id": review_id, "record": await run_in_threadpool(_found, need(), record_id)}
 
+    def product_of(named: str | None) -> str:
+        if named and named.strip():
+            return named.strip()
+        if product is None:
+            raise HTTPException(422, "product: name the product (this server has no model to take it from)")
+        return product
+
+    @router.get("/v1/station/golden", dependencies=auth)
+    async def golden(name: Annotated[str | None, Query(alias="product", max_length=80)] = None) -> dict:
+        which = product_of(name)
+        found = await run_in_threadpool(_checked, golden_set, need(), which)
+        return {"product": which, "golden": found.as_dict() if found else None}
+
+    @router.put("/v1/station/golden", dependencies=auth)
+    async def choose_golden(request: Request) -> dict:
+        body = _validated(_GoldenBody, await request.body())
+        which = product_of(body.product)
+        found = await run_in_threadpool(_checked, set_golden, need(), which, body.record_ids, body.operator)
+        return {"product": which, "golden": found.as_dict() if found else None}
+
     return router
 
 
 def _review_body(raw: bytes) -> _ReviewBody:
+    return _validated(_ReviewBody, raw)
+
+
+def _validated(model: type[BaseModel], raw: bytes) -> Any:
     try:
-        return _ReviewBody.model_validate_json(raw)
+        return model.model_validate_json(raw)
     except ValidationError as err:
         raise HTTPException(422, validation_problems(err.errors())) from None
 

@@ -28,7 +28,7 @@ REVIEW_STATES = ("unreviewed", "reviewed", "confirmed", "corrected", "labelled")
 CSV_COLUMNS = (
     "id", "time", "file", "source", "verdict", "p_ng", "threshold", "model", "model_hash", "latency_ms",
     "description", "review", "final_verdict", "defect_type", "boxes", "operator", "review_description", "photo_sha256",
-    "line", "model_defects",
+    "line", "model_defects", "reference",
 )  # fmt: skip
 MAX_LIMIT = 1000
 MAX_OFFSET = 2**63 - 1 - MAX_LIMIT
@@ -176,6 +176,10 @@ def as_dict(inspection: Inspection, review: Review | None, photo: Photo) -> dict
         "description": inspection.description,
         "defects": json.loads(inspection.defects_json) if inspection.defects_json else None,
         "boxes_dropped": inspection.boxes_dropped,
+        # What the verdict was judged against ({name, photos}; None: the photo alone, or not recorded) and whether
+        # that is known: records from before references were recorded say nothing of it.
+        "reference": json.loads(inspection.reference_json) if inspection.reference_json else None,
+        "reference_known": inspection.reference_json is not None,
         "model": inspection.model_name,
         "model_hash": inspection.model_hash,
         "latency_ms": inspection.latency_ms,
@@ -229,9 +233,18 @@ def csv_text(records: list[dict]) -> str:
             "operator": latest.get("operator"),
             "review_description": latest.get("description"),
             "model_defects": json.dumps(record["defects"], ensure_ascii=False) if record["defects"] else "",
+            "reference": _reference_cell(record),
         }
         writer.writerow([_cell(values.get(c)) for c in CSV_COLUMNS])
     return "\ufeff" + buf.getvalue()
+
+
+def _reference_cell(record: dict) -> str:
+    """`station: a.png, b.png` (the set's name and its photos), `none` for the photo alone, empty when unknown."""
+    if not record["reference_known"]:
+        return ""
+    reference = record["reference"]
+    return f"{reference['name']}: {', '.join(p['file'] for p in reference['photos'])}" if reference else "none"
 
 
 def _cell(value: Any) -> str:

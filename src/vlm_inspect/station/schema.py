@@ -66,6 +66,9 @@ class Inspection(Base):
     NULL when no box was asked for (scoring alone)."""
     boxes_dropped: Mapped[int | None] = mapped_column(Integer)
     """Boxes the model wrote that could not be used (unparseable, inverted, off the photo, too many)."""
+    reference_json: Mapped[str | None] = mapped_column(Text)
+    """What the verdict was judged against: JSON `{"name", "photos": [{"file", "sha256"}]}`, or JSON `null` for the
+    photo alone; NULL (no text) on records written before references were recorded."""
     __table_args__ = (Index("ix_inspections_model_hash_line_id", "model_hash", "line", "id"),)
 
 
@@ -94,6 +97,20 @@ class Review(Base):
     defect_type: Mapped[str | None] = mapped_column(String(80))
     boxes_json: Mapped[str] = mapped_column(Text, default="[]")
     description: Mapped[str | None] = mapped_column(Text)
+    operator: Mapped[str] = mapped_column(String(80))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+class GoldenSet(Base):
+    """A product's known-good reference photos, chosen on the history page from confirmed-OK records
+    (station/references.py). Rows are only added: the newest per product is in force (no photos: cleared), and
+    the older ones say which set was in force when."""
+
+    __tablename__ = "golden_sets"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    product: Mapped[str] = mapped_column(String(80), index=True)
+    photos_json: Mapped[str] = mapped_column(Text)
+    """JSON `[{"record_id", "sha256", "suffix", "file"}]`, in the order the model sees them."""
     operator: Mapped[str] = mapped_column(String(80))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 

@@ -156,8 +156,10 @@ class StationStore:
             data: The photo's bytes as received.
             image: The decoded upright image, when the caller has it (saves decoding again).
             fields: `Inspection` columns: file_name, source, verdict, p_ng, threshold, description,
-                model_name, model_hash, latency_ms, source_key, line (default: the source), boxes_dropped; and
-                `defects`, the model's boxed defects (`[{"type", "box"}]`, photo pixels), kept as JSON.
+                model_name, model_hash, latency_ms, source_key, line (default: the source), boxes_dropped;
+                `defects`, the model's boxed defects (`[{"type", "box"}]`, photo pixels), kept as JSON; and
+                `reference`, what the verdict was judged against (`Reference.record()`: a dict, or None for the
+                photo alone), kept as JSON; leave it out where nothing is known of it.
         """
         if fields.get("source") not in SOURCES:
             raise StationError(f"source {fields.get('source')!r} is not one of {', '.join(SOURCES)}")
@@ -166,6 +168,8 @@ class StationStore:
         fields["line"] = (fields.get("line") or fields["source"])[:80]
         defects = fields.pop("defects", None)
         fields["defects_json"] = json.dumps(defects, ensure_ascii=False) if defects is not None else None
+        if "reference" in fields:
+            fields["reference_json"] = json.dumps(fields.pop("reference"), ensure_ascii=False)
         if fields.get("p_ng") is not None and fields.get("threshold") is not None:
             fields["margin"] = abs(fields["p_ng"] - fields["threshold"])
         try:

@@ -6,6 +6,7 @@ const PAGE = 50;
 const state = {
   label: new URLSearchParams(location.search).has("label"),
   offset: 0, total: 0, ids: [], record: null, verdict: null, boxes: [], modelBoxes: [], drag: null, photoUrl: null,
+  golden: null, // {product, golden: {photos: [{record_id, file}], operator, time} | null}; null: no golden routes here
 };
 const $ = (id) => document.getElementById(id);
 
@@ -137,6 +138,11 @@ function renderDetail() {
   $("d-model-boxes").textContent = found.length
     ? `model's boxes (dashed): ${found.map((d) => d.type || "defect").join(", ")}${r.boxes_dropped ? ` · ${r.boxes_dropped} unusable dropped` : ""}`
     : "";
+  $("d-reference").textContent = !r.reference_known ? ""
+    : r.reference ? `judged against ${r.reference.name}: ${r.reference.photos.map((p) => p.file).join(", ")}`
+    : "judged against the photo alone";
+  // Only a photo an operator confirmed OK (its latest review) can become a golden sample.
+  $("golden-add").hidden = !state.golden || r.latest_review?.verdict !== "OK" || goldenIds().includes(r.id);
   const list = $("d-reviews");
   list.textContent = "";
   for (const rv of r.reviews) {
@@ -152,6 +158,62 @@ function renderChoice() {
   document.querySelectorAll(".choose").forEach((b) => b.classList.toggle("chosen", b.dataset.verdict === state.verdict));
   $("box-count").textContent = `${state.boxes.length} box${state.boxes.length === 1 ? "" : "es"}`;
   draw();
+}
+
+// ---------------------------------------------------------------- the product's golden sample
+
+async function loadGolden() {
+  try {
+    state.golden = await (await api("/v1/station/golden")).json();
+    renderGolden();
+  } catch (err) {
+    state.golden = null; // the labeller without a model names no product: no golden sample here
+    $("golden").hidden = true;
+  }
+}
+
+function goldenIds() { return (state.golden?.golden?.photos || []).map((p) => p.record_id); }
+
+async function putGolden(ids) {
+  const operator = $("operator").value.trim();
+  if (!operator) { showNotice("Enter your name as operator first: the golden sample records who chose it."); return; }
+  try {
+    const body = JSON.stringify({ record_ids: ids, operator, product: state.golden.product });
+    const options = { method: "PUT", headers: { "Content-Type": "application/json" }, body };
+    state.golden = await (await api("/v1/station/golden", options)).json();
+    renderGolden();
+    if (state.record) renderDetail();
+    showNotice("");
+  } catch (err) {
+    showNotice(String(err.message || err));
+  }
+}
+
+function renderGolden() {
+  const photos = state.golden.golden?.photos || [];
+  $("golden").hidden = false;
+  $("golden-product").textContent = state.golden.product;
+  $("golden-state").textContent = photos.length
+    ? `${photos.length} photo(s), chosen by ${state.golden.golden.operator} at ${state.golden.golden.time.replace("T", " ")}`
+    : "none chosen: the model's own references are used";
+  const list = $("golden-photos");
+  list.textContent = "";
+  for (const p of photos) {
+    const fig = document.createElement("figure");
+    const img = document.createElement("img");
+    img.alt = p.file;
+    img.title = `#${p.record_id} ${p.file}`;
+    api(`/v1/station/records/${p.record_id}/photo`).then((r) => r.blob()).then((b) => { img.src = URL.createObjectURL(b); })
+      .catch(() => { img.alt = `${p.file} (photo unreadable)`; });
+    const drop = document.createElement("button");
+    drop.type = "button";
+    drop.textContent = "×";
+    drop.title = "take it out of the golden sample";
+    drop.addEventListener("click", () => putGolden(goldenIds().filter((id) => id !== p.record_id)));
+    fig.append(img, drop);
+    list.appendChild(fig);
+  }
+  $("golden-clear").hidden = !photos.length;
 }
 
 // ---------------------------------------------------------------- boxes on a canvas over the photo
@@ -348,7 +410,10 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("clear-boxes").addEventListener("click", () => { state.boxes = []; renderChoice(); });
   $("review").addEventListener("submit", (ev) => { ev.preventDefault(); saveReview(false); });
   $("save-next").addEventListener("click", () => saveReview(true));
-  $("api-key").addEventListener("change", () => loadList());
+  $("api-key").addEventListener("change", () => { loadList(); loadGolden(); });
+  $("golden-add").addEventListener("click", () => putGolden([...goldenIds(), state.record.id]));
+  $("golden-clear").addEventListener("click", () => putGolden([]));
+  await loadGolden();
   const records = await loadList();
   const wanted = Number(location.hash.slice(1));
   if (wanted) await openRecord(wanted);

@@ -345,3 +345,50 @@ def test_evaluate_puts_the_models_with_and_without_their_reference_side_by_side(
     )
     assert result.exit_code == 0, result.output
     assert "has no references" in json.loads((tmp_path / "r2" / "results.json").read_text())["reference"]["reason"]
+
+
+def test_the_tuned_models_boxes_with_and_without_its_reference_are_measured_alike(tmp_path: Path):
+    """The "with" boxes are evaluate's own (asked with the reference); "without" asks again on the same photos;
+    both go through localization.py's measures."""
+    from types import SimpleNamespace
+
+    from vlm_inspect.data.sources import Item
+    from vlm_inspect.evaluation.localization import located_photo
+    from vlm_inspect.evaluation.reference import reference_comparison
+    from vlm_inspect.inference import Answer
+
+    path = tmp_path / "p.png"
+    Image.new("RGB", (100, 100), "white").save(path)
+    truth = [10.0, 10.0, 30.0, 30.0]
+    ng = [Item(f"ng{i}", path, "p.png", "NG", "spot", [{"type": "spot", "box": truth}]) for i in range(3)]
+    ok = [Item(f"ok{i}", path, "p.png", "OK") for i in range(2)]
+    items = [*ng, *ok]
+    golden = Reference("run", (Image.new("RGB", (100, 100)),), ("ref_01.png",), ("a" * 64,))
+
+    class Model:
+        reference, asked = golden, []
+
+        def score(self, images, question, batch_size=8, reference=None):
+            return [0.5] * len(images)
+
+        def locate(self, images, max_new_tokens, batch_size, reference=None):
+            self.asked.append(reference)  # alone, the model points off the defect and boxes OK photos
+            return [Answer(None, [{"type": "spot", "box": [60.0, 60.0, 90.0, 90.0]}], 0) for _ in images]
+
+    model = Model()
+    with_boxes = {i.id: located_photo(i, [{"type": "spot", "box": truth}] if i.label == "NG" else [], 0) for i in items}
+    question = SimpleNamespace(id="q0", text="Is this box OK or NG?")
+    results = {
+        "images": [{"p_ng": {"tuned": {"q0": 0.5}}} for _ in items],
+        "metrics": {"tuned": {"q0": {"kept": "as evaluate computed it"}}},
+        "models": {"tuned": {"name": "tuned"}},
+    }
+    settings = SimpleNamespace(threshold=0.5, max_escape=0.0, batch_size=4, max_new_tokens=16)
+    section = reference_comparison(
+        iter([("tuned", model, {})]), items, question, results, settings, {"tuned": {"photos": with_boxes}}
+    )
+    with_row, alone = section["rows"]
+    assert with_row["metrics"] == {"kept": "as evaluate computed it"} and model.asked == [NO_REFERENCE]
+    assert with_row["localization"]["acc_iou"]["0.5"]["value"] == 1.0 and with_row["localization"]["n_ok"] == 2
+    assert alone["localization"]["acc_iou"]["0.5"]["value"] == 0.0 and alone["localization"]["pointing"]["value"] == 0
+    assert alone["localization"]["false_alarms_per_ok_photo"]["value"] == 1.0

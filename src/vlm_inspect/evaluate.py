@@ -103,7 +103,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     results = build_results(cfg, items, skipped, questions, scores, answers, models, gallery, thumbnails)
     results["comparison"] = compare_models(cfg, items, questions[0], results, located)
     add_localization(cfg, items, located, results)
-    results["reference"] = reference_section(cfg, items, questions[0], results)
+    results["reference"] = reference_section(cfg, items, questions[0], results, located)
     out = write_outputs(cfg, results)
     print_summary(results, out)
     return out
@@ -335,14 +335,14 @@ def compare_models(
     return rows
 
 
-def reference_section(cfg: EvaluateConfig, items: list[Item], question: Question, results: dict) -> dict:
+def reference_section(cfg: EvaluateConfig, items: list[Item], question: Question, results: dict, located: dict) -> dict:
     """The tuned and base models with and without their references side by side (evaluation/reference.py); the
     models are loaded again, only when the tuned one has references."""
     if not trained_reference(cfg, ModelFolder.open(cfg.model)):
         reason = "the tuned model has no references (prepare the data with a reference/ folder or reference=ok)"
         return {"question": question.id, "reason": reason, "rows": []}
     console.print(f"scoring {len(items)} photos without references, beside the scores with them")
-    section = reference_comparison(model_sessions(cfg), items, question, results, cfg)
+    section = reference_comparison(model_sessions(cfg), items, question, results, cfg, located)
     console.print(reference_table(section))
     return section
 

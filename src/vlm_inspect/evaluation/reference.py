@@ -2,9 +2,9 @@
 
 `evaluate` scores every photo with each model's references (the run's, or `--reference`); this section scores the
 main question again with the photo alone (`NO_REFERENCE`), so a team sees on its own photos what the golden sample
-changes: accuracy, escape, overkill and AUC side by side, and, for NG photos with boxes, how many of their boxes
-the tuned model's located answers find (IoU ≥ 0.5) with and without. The scores with references are the ones results.json
-already holds; only the runs without are new. A model trained with references and asked without them is off its
+changes: accuracy, escape, overkill and AUC side by side, and the tuned model's boxes with and without
+(evaluation/localization.py's measures on the first `MAX_LOCATED` boxed NG photos and as many OK photos). The
+scores and boxes with references are the ones results.json already holds; only the runs without are new. A model trained with references and asked without them is off its
 training: the "without" rows say how much it leans on the reference; a run prepared with `--reference none` is the
 baseline of what a model without references would do.
 
@@ -13,7 +13,7 @@ results.json → `reference`:
 ```
 reference   {question, reason, thumbnails: [{file, uri}],
              rows: [{key, name, with_reference, reference, metrics: BLOCK, localization, p_ng}]}
-  localization  {n_photos, n_boxes, found, hit_rate, mean_best_iou} | null     (IoU ≥ 0.5 counts as found)
+  localization  LOC (localization.py's measures, per_type left out; the tuned model only) | null
 ```
 """
 
@@ -28,14 +28,15 @@ from rich.table import Table
 
 from vlm_inspect.data.images import load_image
 from vlm_inspect.data.reference import NO_REFERENCE
+from vlm_inspect.evaluation.localization import located_photo, model_measures, true_boxes
 from vlm_inspect.evaluation.metrics import score_metrics
 
 CHUNK = 64
 """Photos held in memory at once."""
-IOU_FOUND = 0.5
 THUMBNAIL_SIDE = 256
 MAX_LOCATED = 24
-"""Most boxed NG photos whose boxes the tuned model is asked for (a generation each, with and without references)."""
+"""Most boxed NG photos, and OK photos, whose boxes the tuned model is asked for again without its references (a
+generation each)."""
 
 
 def reference_comparison(
@@ -44,6 +45,7 @@ def reference_comparison(
     question: Any,
     results: dict,
     settings: Any,
+    located: dict | None = None,
 ) -> dict:
     """The with/without rows of each model `sessions` yields (evaluate's `model_sessions`: tuned, then base).
 
@@ -53,10 +55,13 @@ def reference_comparison(
         question: The main question (its `id` and `text`).
         results: results.json so far: its images hold the scores with references.
         settings: The evaluate settings (threshold, max_escape, batch_size, max_new_tokens).
+        located: evaluate's boxes per model key (`{"photos": {item id: located_photo row}}`), asked with the
+            references; the tuned model's are compared with its boxes asked again without them.
     """
     labels = [item.label for item in items]
-    boxed = [item for item in items if item.label == "NG" and any(d.get("box") for d in item.defects)][:MAX_LOCATED]
-    boxed = boxed if boxed else None
+    with_boxes = (located or {}).get("tuned", {}).get("photos") or {}
+    boxed = [i for i in items if i.label == "NG" and true_boxes(i.defects) and i.id in with_boxes][:MAX_LOCATED]
+    asked = boxed + [i for i in items if i.label == "OK" and i.id in with_boxes][:MAX_LOCATED] if boxed else []
     rows: list[dict] = []
     thumbnails: list[dict] = []
     for key, predictor, _ in sessions:
@@ -78,7 +83,9 @@ def reference_comparison(
                     "with_reference": bool(used),
                     "reference": used.record(),
                     "metrics": metrics,
-                    "localization": _localization(predictor, boxed, used, settings) if key == "tuned" else None,
+                    "localization": _localization(predictor, asked, used, with_boxes, settings)
+                    if key == "tuned"
+                    else None,
                     "p_ng": [round(p, 6) for p in p_ng],
                 }
             )
@@ -110,49 +117,38 @@ def _scores(predictor: Any, items: Sequence[Any], question: str, batch_size: int
     return out
 
 
-def _localization(predictor: Any, items: Sequence[Any] | None, reference: Any, settings: Any) -> dict | None:
-    """How many true boxes of the boxed NG photos a located answer finds (IoU ≥ 0.5), and their mean best IoU; None
-    without boxed NG photos. The tuned model only: the base was never taught to box."""
+def _localization(predictor: Any, items: Sequence[Any], reference: Any, with_boxes: dict, settings: Any) -> dict | None:
+    """The tuned model's localization measures on `items`: from evaluate's boxes with its references, or asked again
+    with `reference` (the photo alone); None without boxed NG photos. The base is not asked again: evaluate's own
+    localization table has it."""
     if not items:
         return None
-    best: list[float] = []
-    for start in range(0, len(items), CHUNK):
-        chunk = items[start : start + CHUNK]
-        images = [load_image(item.path) for item in chunk]
-        answers = predictor.locate(images, settings.max_new_tokens, settings.batch_size, reference=reference)
-        for item, answer in zip(chunk, answers, strict=True):
-            found = [d["box"] for d in answer.defects]
-            best += [max((iou(d["box"], box) for box in found), default=0.0) for d in item.defects if d.get("box")]
-    hits = sum(b >= IOU_FOUND for b in best)
-    return {
-        "n_photos": len(items),
-        "n_boxes": len(best),
-        "found": hits,
-        "hit_rate": round(hits / len(best), 4) if best else None,
-        "mean_best_iou": round(sum(best) / len(best), 4) if best else None,
-    }
-
-
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two `[x0, y0, x1, y1]` boxes."""
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    if reference:
+        photos = {item.id: with_boxes[item.id] for item in items}
+    else:
+        photos = {}
+        for start in range(0, len(items), CHUNK):
+            chunk = items[start : start + CHUNK]
+            images = [load_image(item.path) for item in chunk]
+            answers = predictor.locate(images, settings.max_new_tokens, settings.batch_size, reference=reference)
+            for item, answer in zip(chunk, answers, strict=True):
+                photos[item.id] = located_photo(item, answer.defects, answer.boxes_dropped)
+    measures = model_measures(items, photos)
+    measures.pop("per_type")
+    return measures
 
 
 def reference_table(section: dict) -> Table:
     """The section's rows for the console: each model with and without its references."""
     table = Table(title="What the reference buys (the main question)")
-    for column in ("model", "judged against", "accuracy", "escape", "overkill", "ROC AUC", "boxes found"):
+    for column in ("model", "judged against", "accuracy", "escape", "overkill", "ROC AUC", "ACC@IoU 0.5, pointing"):
         table.add_column(column, justify="left" if column in ("model", "judged against") else "right")
     for row in section["rows"]:
         m, loc = row["metrics"], row["localization"]
         against = ", ".join(p["file"] for p in row["reference"]["photos"]) if row["reference"] else "the photo alone"
         cells = [_pct(m[k]["value"]) for k in ("accuracy", "escape_rate", "overkill_rate")]
         auc = "–" if m["auc"]["value"] is None else f"{m['auc']['value']:.3f}"
-        found = f"{loc['found']} of {loc['n_boxes']}" if loc else "–"
+        found = f"{_pct(loc['acc_iou']['0.5']['value'])}, {_pct(loc['pointing']['value'])}" if loc else "–"
         table.add_row(f"{row['key']}: {row['name']}", against, *cells, auc, found)
     return table
 

@@ -98,6 +98,7 @@ def test_env_prints_versions():
     assert "torch" in result.output and "transformers" in result.output and "CUDA devices" in result.output
 
 
+@pytest.mark.integration  # seconds: CI runs it, the unit loop leaves it out
 def test_the_console_shows_our_output_and_the_libraries_chatter_only_with_verbose(tiny_model_dir, tmp_path):
     from PIL import Image
 

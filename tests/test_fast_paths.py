@@ -210,6 +210,7 @@ class SevenBData:
 
 
 @pytest.mark.parametrize(("card_gib", "batch", "all_layers"), [(23.6, 8, True), (80.0, 8, False)])
+@pytest.mark.integration  # seconds: CI runs it, the unit loop leaves it out
 def test_memory_plan_for_the_7b_shape(monkeypatch, card_gib: float, batch: int, all_layers: bool):
     """A 24 GB card trains LoRA at batch 8 with no flags by recomputing (nearly) every layer; an 80 GB card
     keeps every layer's activations. Estimates are calibrated against benchmarks/gpu.py on an H100."""

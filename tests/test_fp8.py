@@ -121,6 +121,7 @@ def test_lora_attaches_to_fp8_layers_and_only_lora_and_projector_train(
     assert all(m.base_layer.weight.grad is None for m in language)
 
 
+@pytest.mark.integration  # seconds: CI runs it, the unit loop leaves it out
 def test_the_memory_plan_counts_fp8_weights_at_one_byte_and_recomputes_fewer_layers(fp8_allowed, monkeypatch):
     from test_fast_paths import SevenBData, meta_7b
 

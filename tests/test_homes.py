@@ -73,6 +73,7 @@ def test_evaluate_compare_scores_with_the_verbs_precision_and_image_budget(
     assert rows[2]["key"] == "compare-1" and rows[2]["view"]["photo"] == rows[0]["view"]["photo"]
 
 
+@pytest.mark.integration  # seconds: CI runs it, the unit loop leaves it out
 def test_a_merged_model_and_its_base_see_photos_at_the_runs_budget(
     tiny_model, qwen_run: Path, large_photos: Path, tmp_path: Path, loads: list
 ):

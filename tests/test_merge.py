@@ -240,6 +240,7 @@ m.merge(MergeConfig(model=sys.argv[1], adapter=sys.argv[2], out=sys.argv[3], dty
 """
 
 
+@pytest.mark.integration  # seconds: CI runs it, the unit loop leaves it out
 def test_a_merge_killed_before_its_check_leaves_no_loadable_model_at_out(
     tmp_path: Path, tiny_model_dir: Path, run: Path
 ):

@@ -261,6 +261,7 @@ class QwenSamples:
         return 64
 
 
+@pytest.mark.integration  # seconds: CI runs it, the unit loop leaves it out
 def test_the_24_gb_plan_fits_qwen_without_a_false_warning_and_fp8_buys_recompute_back(monkeypatch):
     """The plan's estimate (20.9 GiB) is over its 90 % share (20.8) of a 24 GB card but under the card: the
     run fits (measured peak 21.0 of 23.1), so no warning. FP8 base weights free ~6 GiB: fewer recomputed

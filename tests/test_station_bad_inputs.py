@@ -252,6 +252,7 @@ print("RISE", hwm() - base, flush=True)
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak RSS from /proc")
 @pytest.mark.parametrize("verb", ["watch", "label"])
+@pytest.mark.integration  # seconds: CI runs it, the unit loop leaves it out
 def test_memory_an_oversized_photo_is_refused_before_it_is_read(verb: str, tmp_path: Path) -> None:
     folder = tmp_path / "hot"
     folder.mkdir()

@@ -215,6 +215,7 @@ def _post_line(client: TestClient, n: int, drift_after: int | None, seed: int) -
     return verdicts
 
 
+@pytest.mark.integration  # seconds: CI runs it, the unit loop leaves it out
 def test_a_brighter_camera_raises_the_drift_alarm(station, caplog):
     folder, db = station
     caplog.set_level(logging.WARNING, logger="vlm_inspect.station")
@@ -229,6 +230,7 @@ def test_a_brighter_camera_raises_the_drift_alarm(station, caplog):
     assert any("drift ALARM on line cam1, model fake-model" in m for m in caplog.messages)
 
 
+@pytest.mark.integration  # seconds: CI runs it, the unit loop leaves it out
 def test_the_same_camera_raises_no_alarm(station, caplog):
     folder, db = station
     caplog.set_level(logging.WARNING, logger="vlm_inspect.station")

@@ -240,6 +240,7 @@ while True:
 """
 
 
+@pytest.mark.integration  # seconds: CI runs it, the unit loop leaves it out
 def test_kill_9_mid_writing_loses_nothing_committed(tmp_path: Path):
     folder = tmp_path / "station"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}

@@ -166,7 +166,7 @@ def as_dict(inspection: Inspection, review: Review | None, photo: Photo) -> dict
     """A record as the API and exports show it; `final_verdict` is the latest review's, else the model's."""
     return {
         "id": inspection.id,
-        "time": _iso(inspection.created_at),
+        "time": iso_utc(inspection.created_at),
         "file": inspection.file_name,
         "source": inspection.source,
         "line": inspection.line,
@@ -209,11 +209,12 @@ def _review_dict(review: Review) -> dict[str, Any]:
         "boxes": json.loads(review.boxes_json or "[]"),
         "description": review.description,
         "operator": review.operator,
-        "time": _iso(review.created_at),
+        "time": iso_utc(review.created_at),
     }
 
 
-def _iso(moment: datetime) -> str:
+def iso_utc(moment: datetime) -> str:
+    """A stored time as ISO 8601 in UTC, to the second, `Z`-suffixed (the records' and golden sets' format)."""
     if moment.tzinfo is None:  # SQLite hands back naive values; they were written in UTC
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import timezone
 from typing import Any
 
 from sqlalchemy import select
 
 from vlm_inspect.data.reference import MAX_REFERENCES, Reference
 from vlm_inspect.errors import StationError
+from vlm_inspect.station.history import iso_utc
 from vlm_inspect.station.schema import GoldenSet, Inspection, Photo, Review
 from vlm_inspect.station.store import MAX_OPERATOR_CHARS, MAX_RECORD_ID, StationStore
 
@@ -61,8 +61,7 @@ def golden_set(store: StationStore, product: str) -> Golden | None:
     photos = tuple(GoldenPhoto(**p) for p in json.loads(row.photos_json))
     if not photos:
         return None
-    moment = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=timezone.utc)  # SQLite: naive
-    return Golden(row.id, row.product, photos, row.operator, moment.isoformat(timespec="seconds"))
+    return Golden(row.id, row.product, photos, row.operator, iso_utc(row.created_at))
 
 
 def set_golden(store: StationStore, product: str, record_ids: list[int], operator: str) -> Golden | None:
